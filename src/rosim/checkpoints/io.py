@@ -1,0 +1,182 @@
+"""rosim's own checkpoint format: a directory with ``config.json``, ``model.safetensors``, ``vocab.txt``.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place.
+Loading is strict: missing or unexpected tensors and shape mismatches raise a
+:class:`~rosim.errors.CheckpointError` naming them; a deliberate partial load must be asked for with
+``allow_missing`` (prefixes such as ``"pooler."``) and is reported in the returned :class:`LoadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rosim.errors import CheckpointError, InputError
+from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
+from rosim.tokenization.tokenizer import CharTokenizer
+
+CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.txt"
+
+
+@dataclass
+class LoadReport:
+    """What a load did: tensors left at their initial values (only when asked for)."""
+
+    missing: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.missing:
+            parts.append(f"initialised randomly (not in checkpoint): {', '.join(self.missing)}")
+        if self.ignored:
+            parts.append(f"ignored (not used by the model): {', '.join(self.ignored)}")
+        return "; ".join(parts) or "all tensors loaded"
+
+
+def atomic_directory(target: str | os.PathLike):
+    """Context manager yielding a temporary directory renamed to ``target`` on success."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm():
+        target_path = Path(target)
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.tmp-", dir=target_path.parent))
+        try:
+            yield tmp
+            backup = None
+            if target_path.exists():
+                if not target_path.is_dir():
+                    raise InputError(f"{target_path} exists and is not a directory")
+                backup = target_path.with_name(f".{target_path.name}.old-{os.getpid()}")
+                os.replace(target_path, backup)
+            os.replace(tmp, target_path)
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return _cm()
+
+
+def load_state_strict(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    allow_missing: Iterable[str] = (),
+    allow_unexpected: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> LoadReport:
+    """Load ``state`` into ``model``; any difference not explicitly allowed is an error that names it."""
+    allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state)
+    unexpected = sorted(k for k in state if k not in expected)
+    bad_missing = [k for k in missing if not k.startswith(allow_missing) or not allow_missing]
+    bad_unexpected = [k for k in unexpected if not k.startswith(allow_unexpected) or not allow_unexpected]
+    problems = []
+    if bad_missing:
+        problems.append(f"missing tensors {bad_missing}")
+    if bad_unexpected:
+        problems.append(f"unexpected tensors {bad_unexpected}")
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if shapes:
+        problems.append("shape mismatches (does config.json match the weights?) " + "; ".join(shapes))
+    if problems:
+        hint = " (pass allow_missing=('pooler.',) for a deliberate partial load)" if bad_missing else ""
+        raise CheckpointError(f"{source}: " + "; ".join(problems) + hint)
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+    return LoadReport(missing=missing, ignored=unexpected)
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: RoFormerSim,
+    tokenizer: CharTokenizer,
+    *,
+    metadata: dict | None = None,
+) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``vocab.txt`` atomically."""
+    from safetensors.torch import save_file
+
+    if len(tokenizer) != model.config.vocab_size:
+        raise InputError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_directory(directory) as tmp:
+        (tmp / CONFIG_NAME).write_text(model.config.to_json(), encoding="utf-8")
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "rosim": json.dumps(metadata or {})})
+        tokenizer.save(tmp / VOCAB_NAME)
+    return Path(directory)
+
+
+def read_config(directory: str | os.PathLike) -> RoFormerSimConfig:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a rosim checkpoint: {CONFIG_NAME} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    try:
+        return RoFormerSimConfig.from_dict(data)
+    except InputError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupt file raises a CheckpointError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is truncated or corrupt (not a valid safetensors file): {exc}") from None
+
+
+def load_checkpoint(
+    directory: str | os.PathLike,
+    *,
+    allow_missing: Iterable[str] = (),
+    map_location: str | torch.device = "cpu",
+) -> tuple[RoFormerSim, CharTokenizer, LoadReport]:
+    """Load a model and its tokenizer from a rosim checkpoint directory."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; a checkpoint is a directory with {CONFIG_NAME}, {WEIGHTS_NAME}, {VOCAB_NAME}")
+    config = read_config(directory)
+    try:
+        tokenizer = CharTokenizer.from_file(directory / VOCAB_NAME)
+    except (InputError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
+    if len(tokenizer) != config.vocab_size:
+        raise CheckpointError(
+            f"{directory}: vocab.txt has {len(tokenizer)} tokens but config.json says vocab_size={config.vocab_size}"
+        )
+    state = read_safetensors(directory / WEIGHTS_NAME)
+    model = RoFormerSim(config)
+    report = load_state_strict(model, state, allow_missing=allow_missing, source=str(directory / WEIGHTS_NAME))
+    model.to(map_location).eval()
+    return model, tokenizer, report

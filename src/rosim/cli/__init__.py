@@ -1,0 +1,74 @@
+"""The `rosim` command line: a thin layer over the Python API.
+
+Each area registers its commands from its own module (``rosim.cli.<area>``). Errors raised by
+rosim become one line on stderr: exit status 2 for bad input, 1 for other failures.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rosim.errors import InputError, RosimError
+
+app = typer.Typer(
+    name="rosim",
+    help="RoFormer-Sim in PyTorch: retrieve and generate similar Chinese sentences.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _register() -> None:
+    import importlib
+
+    for area in ("model", "inference", "retrieval", "closed_forms", "training", "univae", "server"):
+        try:
+            module = importlib.import_module(f"rosim.cli.{area}")
+        except ModuleNotFoundError as exc:  # an area not built yet
+            if exc.name != f"rosim.cli.{area}":
+                raise
+            continue
+        module.register(app)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one line on stderr and exit with ``code``."""
+    typer.echo(f"rosim: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register()
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except InputError as exc:
+        typer.echo(f"rosim: error: {exc}", err=True)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+        typer.echo(f"rosim: error: {exc}", err=True)
+        return 2
+    except RosimError as exc:
+        typer.echo(f"rosim: error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("rosim: interrupted", err=True)
+        return 130
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 130
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""The RoFormer-Sim model, readable top to bottom.
+
+One Transformer encoder (Post-LN, BERT layout) that serves three uses:
+
+* sentence vectors: the final hidden state at [CLS] through a linear pooler (no tanh);
+* UniLM generation: with the UniLM mask, segment 0 (``[CLS] source [SEP]``) is bidirectional and
+  segment 1 (``target [SEP]``) sees the source and earlier targets; logits come from an LM head
+  tied to the token embeddings;
+* the SimBERT v1 / BERT variant: the same code with learned absolute positions instead of RoPE.
+
+Rotary position embeddings follow bert4keras 0.10.6 exactly: angles ``m * 10000^(-2i/d)`` applied
+to adjacent pairs ``(2i, 2i+1)`` of q and k (never v), positions counted over the whole sequence.
+
+Shapes: ``B`` batch, ``L`` query length, ``S`` key length (past + current), ``H`` hidden,
+``h`` heads, ``d`` head size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rosim.errors import CheckpointError, InputError
+
+
+# --------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RoFormerSimConfig:
+    """Hyper-parameters of the model. Defaults are those of RoFormer-Sim-small (char)."""
+
+    vocab_size: int = 12000
+    hidden_size: int = 384
+    num_layers: int = 6
+    num_heads: int = 6
+    intermediate_size: int = 1536
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.0  # bert4keras 0.10.6 has none
+    max_position: int = 512
+    position: Literal["rotary", "absolute"] = "rotary"
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pooler_activation: Literal["linear", "tanh"] = "linear"
+    hidden_act: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
+    initializer_range: float = 0.02
+    rotary_base: float = 10000.0
+    with_pooler: bool = True
+    with_lm_head: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, never read by the model
+
+    def __post_init__(self) -> None:
+        ints = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position")
+        for name in ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InputError(f"config.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise InputError(
+                f"config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.position not in ("rotary", "absolute"):
+            raise InputError(f"config.position must be 'rotary' or 'absolute', got {self.position!r}")
+        if self.position == "rotary" and self.head_size % 2:
+            raise InputError(f"rotary positions need an even head size, got {self.head_size}")
+        if self.pooler_activation not in ("linear", "tanh"):
+            raise InputError(f"config.pooler_activation must be 'linear' or 'tanh', got {self.pooler_activation!r}")
+        if self.hidden_act not in ("gelu", "gelu_tanh", "relu"):
+            raise InputError(f"config.hidden_act must be gelu, gelu_tanh or relu, got {self.hidden_act!r}")
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise InputError(f"config.{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RoFormerSimConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"model_type", "rosim_version"})
+        if unknown:
+            raise CheckpointError(f"config has unknown keys {unknown}; known keys are {sorted(known)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": "roformer-sim", **self.to_dict()}, indent=2, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# masks
+# --------------------------------------------------------------------------------------------
+def unilm_allowed(token_type_ids: torch.Tensor) -> torch.Tensor:
+    """UniLM visibility: with c = cumsum(segment ids), query i sees key j iff c[j] <= c[i].
+
+    Returns a bool tensor ``(B, 1, L, L)``, True where attention is allowed.
+    """
+    c = torch.cumsum(token_type_ids, dim=-1)
+    return (c[:, None, :] <= c[:, :, None]).unsqueeze(1)
+
+
+def causal_allowed(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Lower-triangular visibility ``(1, 1, L, L)``."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()[None, None]
+
+
+def build_attention_bias(
+    attention_mask: torch.Tensor | None,
+    *,
+    query_length: int,
+    mask: Literal["bidirectional", "unilm", "causal"] = "bidirectional",
+    token_type_ids: torch.Tensor | None = None,
+    extra_bias: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor | None:
+    """Combine key padding, the structural mask and a caller's additive bias into one additive bias.
+
+    ``attention_mask`` is ``(B, S)`` with 1 for real tokens and 0 for padding (S may exceed L when a
+    cache holds earlier keys; the structural mask then applies to the last L keys only, which is
+    what incremental decoding needs). Returns ``(B, 1|h, L, S)`` or None when nothing is masked.
+    """
+    allowed = None
+    if attention_mask is not None:
+        allowed = attention_mask.bool()[:, None, None, :]
+    if mask != "bidirectional":
+        if mask == "unilm":
+            if token_type_ids is None:
+                raise InputError("the UniLM mask needs token_type_ids (segment ids)")
+            structural = unilm_allowed(token_type_ids)
+        elif mask == "causal":
+            structural = causal_allowed(query_length, None if attention_mask is None else attention_mask.device)
+        else:
+            raise InputError(f"mask must be 'bidirectional', 'unilm' or 'causal', got {mask!r}")
+        key_length = attention_mask.shape[-1] if attention_mask is not None else structural.shape[-1]
+        past = key_length - structural.shape[-1]
+        if past > 0:  # earlier (cached) keys are visible to every new query
+            pad = torch.ones(*structural.shape[:-1], past, dtype=torch.bool, device=structural.device)
+            structural = torch.cat([pad, structural], dim=-1)
+        allowed = structural if allowed is None else allowed & structural
+    if allowed is None and extra_bias is None:
+        return None
+    neg = torch.finfo(dtype).min
+    bias = torch.zeros((), dtype=dtype) if allowed is None else torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)
+    if extra_bias is not None:
+        bias = (bias + extra_bias.to(dtype)).clamp(min=neg)
+    return bias
+
+
+# --------------------------------------------------------------------------------------------
+# rotary position embeddings
+# --------------------------------------------------------------------------------------------
+def rotary_cos_sin(position_ids: torch.Tensor, head_size: int, base: float = 10000.0):
+    """cos and sin tables ``(B|1, 1, L, d)`` for the interleaved form (each angle repeated twice)."""
+    inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=position_ids.device) / head_size)
+    angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, L, d/2)
+    angles = angles.repeat_interleave(2, dim=-1)[:, None]  # (B, 1, L, d)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs: x' = x*cos + [-x1, x0, -x3, x2, ...]*sin."""
+    rotated = torch.stack([-x[..., 1::2], x[..., 0::2]], dim=-1).flatten(-2)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+# --------------------------------------------------------------------------------------------
+def _activation(name: str):
+    return {"gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}[name]
+
+
+class Embeddings(nn.Module):
+    """Token + segment (+ absolute position for the BERT variant), then LayerNorm and dropout."""
+
+    def __init__(self, config: RoFormerSimConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position, config.hidden_size) if config.position == "absolute" else None
+        )
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, input_ids, token_type_ids, position_ids):
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        if self.position_embeddings is not None:
+            x = x + self.position_embeddings(position_ids)
+        return self.dropout(self.layer_norm(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention through SDPA, with RoPE on q and k and an optional KV cache."""
+
+    def __init__(self, config: RoFormerSimConfig):
+        super().__init__()
+        self.num_heads, self.head_size = config.num_heads, config.head_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.output = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = config.attention_dropout
+
+    def _split(self, x):  # (B, L, H) -> (B, h, L, d)
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_size).transpose(1, 2)
+
+    def forward(self, x, bias, rope=None, past=None):
+        q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+            dropout_p=self.attention_dropout if self.training else 0.0,
+        )
+        out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.output(out), (k, v)
+
+
+class Layer(nn.Module):
+    """Post-LN Transformer layer: attention → add → LN → FFN → add → LN."""
+
+    def __init__(self, config: RoFormerSimConfig):
+        super().__init__()
+        self.attention = Attention(config)
+        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.ffn_output = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.ffn_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, x, bias, rope=None, past=None):
+        attn, kv = self.attention(x, bias, rope, past)
+        x = self.attention_norm(x + self.dropout(attn))
+        x = self.ffn_norm(x + self.dropout(self.ffn_output(self.act(self.intermediate(x)))))
+        return x, kv
+
+
+class LMHead(nn.Module):
+    """Dense + activation + LayerNorm, then logits against the tied token embeddings plus a bias."""
+
+    def __init__(self, config: RoFormerSimConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.act = _activation(config.hidden_act)
+
+    def forward(self, hidden, embedding_weight):
+        return F.linear(self.layer_norm(self.act(self.dense(hidden))), embedding_weight, self.bias)
+
+
+@dataclass
+class ModelOutput:
+    last_hidden_state: torch.Tensor
+    pooled: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings output, then every layer
+    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------
+class RoFormerSim(nn.Module):
+    """RoFormer (or BERT) encoder + linear pooler + tied LM head.
+
+    ``forward`` returns hidden states (and the pooled [CLS] vector when the model has a pooler);
+    ``lm_logits`` turns hidden states into next-token logits.
+    """
+
+    def __init__(self, config: RoFormerSimConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if config.with_pooler else None
+        self.lm_head = LMHead(config) if config.with_lm_head else None
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.word_embeddings.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        mask: Literal["bidirectional", "unilm", "causal"] = "bidirectional",
+        attention_bias: torch.Tensor | list[torch.Tensor | None] | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = False,
+    ) -> ModelOutput:
+        """Run the encoder.
+
+        Parameters
+        ----------
+        input_ids, token_type_ids : ``(B, L)`` long tensors (segment ids default to 0).
+        attention_mask : ``(B, S)`` 1 for real tokens, 0 for padding; S = past length + L.
+        mask : the structural mask: bidirectional (retrieval), unilm (seq2seq training), causal.
+        attention_bias : an additive bias ``(B|1, h|1, L, S)`` added to the scores of every layer,
+            or a list with one bias (or None) per layer (UniVAE uses per-layer masks). When given
+            per layer, it replaces the structural mask of ``mask`` for that layer (padding still applies).
+        position_ids : ``(B|1, L)``; default ``past_length + arange(L)``.
+        past_key_values, use_cache : incremental decoding; keys are cached already rotated.
+        """
+        if input_ids.dim() != 2:
+            raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if length == 0:
+            raise InputError("input_ids has length 0: nothing to encode")
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length, device=input_ids.device)[None]
+        if int(position_ids.max()) >= self.config.max_position and self.config.position == "absolute":
+            raise InputError(
+                f"position {int(position_ids.max())} exceeds max_position {self.config.max_position}; truncate the input"
+            )
+        dtype = self.embeddings.word_embeddings.weight.dtype
+        per_layer = isinstance(attention_bias, (list, tuple))
+        if per_layer and len(attention_bias) != len(self.layers):
+            raise InputError(f"attention_bias has {len(attention_bias)} entries for {len(self.layers)} layers")
+        shared_bias = None
+        if not per_layer:
+            shared_bias = build_attention_bias(
+                attention_mask, query_length=length, mask=mask, token_type_ids=token_type_ids,
+                extra_bias=attention_bias, dtype=dtype,
+            )
+
+        x = self.embeddings(input_ids, token_type_ids, position_ids.expand(batch, -1))
+        rope = None
+        if self.config.position == "rotary":
+            rope = rotary_cos_sin(position_ids, self.config.head_size, self.config.rotary_base)
+        hidden_states = [x] if output_hidden_states else None
+        presents = [] if use_cache else None
+        for i, layer in enumerate(self.layers):
+            bias = shared_bias
+            if per_layer:
+                bias = build_attention_bias(
+                    attention_mask, query_length=length, extra_bias=attention_bias[i], dtype=dtype
+                )
+            x, kv = layer(x, bias, rope, None if past_key_values is None else past_key_values[i])
+            if use_cache:
+                presents.append(kv)
+            if output_hidden_states:
+                hidden_states.append(x)
+        pooled = None
+        if self.pooler is not None and past_length == 0:
+            pooled = self.pooler(x[:, 0])
+            if self.config.pooler_activation == "tanh":
+                pooled = torch.tanh(pooled)
+        return ModelOutput(
+            last_hidden_state=x,
+            pooled=pooled,
+            hidden_states=None if hidden_states is None else tuple(hidden_states),
+            past_key_values=None if presents is None else tuple(presents),
+        )
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(..., vocab)`` from hidden states ``(..., H)``."""
+        if self.lm_head is None:
+            raise InputError("this model has no LM head (config.with_lm_head=False): it cannot generate")
+        return self.lm_head(hidden, self.embeddings.word_embeddings.weight)
+
