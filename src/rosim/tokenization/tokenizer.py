@@ -39,14 +39,6 @@ class Encoding:
         return Encoding(self.input_ids.to(device), self.token_type_ids.to(device), self.attention_mask.to(device))
 
 
-def _is_cjk(ch: str) -> bool:
-    cp = ord(ch)
-    return (
-        0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2CEAF
-        or 0xF900 <= cp <= 0xFAFF or 0x2F800 <= cp <= 0x2FA1F
-    )
-
-
 class CharTokenizer:
     """Tokenize Chinese text one character per token; pad, truncate and decode batches."""
 
@@ -168,9 +160,11 @@ class CharTokenizer:
             token = self.inv_vocab.get(int(i), "[UNK]")
             if skip_special and token in specials and token != "[UNK]":
                 continue
-            if token.startswith("##") and out:
-                out[-1] += token[2:]
-                continue
+            if token.startswith("##") and len(token) > 2:
+                if out:
+                    out[-1] += token[2:]
+                    continue
+                token = token[2:]
             out.append(token)
         text = ""
         for token in out:
