@@ -9,8 +9,11 @@ class InputError(RosimError, ValueError):
     """A caller passed something rosim cannot use (bad text, bad shape, bad option)."""
 
 
-class CheckpointError(RosimError):
-    """A checkpoint is missing, corrupt, or does not match its configuration."""
+class CheckpointError(InputError):
+    """A checkpoint is missing, corrupt, or does not match its configuration.
+
+    A checkpoint is something the caller hands rosim, so this is bad input (CLI exit status 2).
+    """
 
 
 class DataError(InputError):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rosim.checkpoints.io import LoadReport, load_state_strict, read_safetensors
-from rosim.errors import CheckpointError
+from rosim.checkpoints.io import LoadReport, build_model, read_safetensors
+from rosim.errors import CheckpointError, InputError
 from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
 from rosim.tokenization.tokenizer import CharTokenizer
 
@@ -41,7 +41,8 @@ _EMBEDDINGS = {
 
 def rosim_to_hf_names(config: RoFormerSimConfig, prefix: str) -> dict[str, str]:
     """Map every rosim tensor name to its HF name (``prefix`` is "roformer" or "bert")."""
-    model = RoFormerSim(config)
+    with torch.device("meta"):  # names only: allocate nothing
+        model = RoFormerSim(config)
     out: dict[str, str] = {}
     for name in model.state_dict():
         parts = name.split(".")
@@ -105,8 +106,8 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure here means an unreadable file
         raise CheckpointError(f"{path} is corrupt or not a plain tensor dictionary: {exc}") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a tensor dictionary")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a plain dictionary of tensors")
     return state
 
 
@@ -127,13 +128,17 @@ def convert_hf_state(
             ours[rosim_name] = state[hf_name]
     used = set(names.values()) | set(skip)
     leftover = sorted(k for k in state if k not in used)
-    model = RoFormerSim(config)
     if leftover:
         raise CheckpointError(f"{source}: unexpected tensors {leftover}")
-    report = load_state_strict(model, ours, allow_missing=allow_missing, source=source)
+    model, report = build_model(config, ours, allow_missing=allow_missing, source=source)
     if "cls.predictions.decoder.weight" in state and config.with_lm_head:
         if not torch.equal(state["cls.predictions.decoder.weight"], ours["embeddings.word_embeddings.weight"]):
             raise CheckpointError(f"{source}: the LM decoder is not tied to the token embeddings; rosim ties them")
+    if "cls.predictions.decoder.bias" in state and "lm_head.bias" in ours:
+        if not torch.equal(state["cls.predictions.decoder.bias"], ours["lm_head.bias"]):
+            raise CheckpointError(f"{source}: cls.predictions.decoder.bias differs from cls.predictions.bias")
+    # real weights of a head rosim does not have: say so rather than drop them silently
+    report.ignored = sorted(set(report.ignored) | {k for k in state if k.startswith("cls.seq_relationship.")})
     return model, report
 
 
@@ -142,6 +147,8 @@ def import_hf(
 ) -> tuple[RoFormerSim, CharTokenizer, LoadReport]:
     """Import an HF-format directory (``config.json``, weights, ``vocab.txt``)."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"HF checkpoint directory not found: {directory}")
     if variant not in ("roformer", "bert"):
         raise CheckpointError(f"variant must be 'roformer' or 'bert', got {variant!r}")
     cfg_path = directory / "config.json"
@@ -151,8 +158,13 @@ def import_hf(
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{cfg_path} must hold a JSON object")
     state = _read_hf_weights(directory)
-    config = config_from_hf(data, variant=variant)
+    try:
+        config = config_from_hf(data, variant=variant)
+    except InputError as exc:  # includes CheckpointError
+        raise CheckpointError(f"{cfg_path}: {exc}") from None
     has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
     has_lm = any(k.startswith("cls.predictions.") for k in state)
     pooler_asked = any(str(p).startswith("pooler") for p in allow_missing)
@@ -163,8 +175,13 @@ def import_hf(
             f"{directory}: the checkpoint has no pooler (pooler.dense); RoFormer-Sim's sentence vector is the pooler "
             "output. Pass allow_missing=('pooler.',) (CLI: --allow-missing pooler) to initialise it randomly on purpose."
         )
-    tokenizer = CharTokenizer.from_file(directory / "vocab.txt")
+    try:
+        tokenizer = CharTokenizer.from_file(directory / "vocab.txt")
+    except (InputError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{directory}: {exc}") from None
     if len(tokenizer) != config.vocab_size:
         raise CheckpointError(f"{directory}: vocab.txt has {len(tokenizer)} tokens, config says {config.vocab_size}")
     model, report = convert_hf_state(state, config, prefix=variant, allow_missing=allow_missing, source=str(directory))
+    if not has_lm:
+        report.notes.append("the checkpoint has no MLM head (cls.predictions.*): the model cannot generate")
     return model.eval(), tokenizer, report

@@ -27,10 +27,12 @@ CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "voc
 
 @dataclass
 class LoadReport:
-    """What a load did: tensors left at their initial values (only when asked for)."""
+    """What a load did: tensors left at their initial values (only when asked for), checkpoint
+    tensors the model does not use (heads it lacks, optimizer state), and other remarks."""
 
     missing: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         parts = []
@@ -38,6 +40,7 @@ class LoadReport:
             parts.append(f"initialised randomly (not in checkpoint): {', '.join(self.missing)}")
         if self.ignored:
             parts.append(f"ignored (not used by the model): {', '.join(self.ignored)}")
+        parts.extend(self.notes)
         return "; ".join(parts) or "all tensors loaded"
 
 
@@ -100,6 +103,28 @@ def load_state_strict(
         raise CheckpointError(f"{source}: " + "; ".join(problems) + hint)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
     return LoadReport(missing=missing, ignored=unexpected)
+
+
+def build_model(
+    config: RoFormerSimConfig,
+    state: Mapping[str, torch.Tensor],
+    *,
+    allow_missing: Iterable[str] = (),
+    source: str = "checkpoint",
+) -> tuple[RoFormerSim, LoadReport]:
+    """Build a model for ``config`` and load ``state`` strictly (see :func:`load_state_strict`).
+
+    When ``state`` holds every tensor, the model is allocated without random initialisation
+    (initialising a base-size model costs seconds and every value would be overwritten anyway).
+    """
+    with torch.device("meta"):
+        skeleton = RoFormerSim(config)
+    if all(k in state for k in skeleton.state_dict()):
+        model = skeleton.to_empty(device="cpu")
+    else:  # a deliberate partial load: the missing tensors keep their initial values
+        model = RoFormerSim(config)
+    report = load_state_strict(model, state, allow_missing=allow_missing, source=source)
+    return model, report
 
 
 def save_checkpoint(
@@ -176,7 +201,6 @@ def load_checkpoint(
             f"{directory}: vocab.txt has {len(tokenizer)} tokens but config.json says vocab_size={config.vocab_size}"
         )
     state = read_safetensors(directory / WEIGHTS_NAME)
-    model = RoFormerSim(config)
-    report = load_state_strict(model, state, allow_missing=allow_missing, source=str(directory / WEIGHTS_NAME))
+    model, report = build_model(config, state, allow_missing=allow_missing, source=str(directory / WEIGHTS_NAME))
     model.to(map_location).eval()
     return model, tokenizer, report

@@ -21,7 +21,15 @@ app = typer.Typer(
 )
 
 
+_registered = False
+
+
 def _register() -> None:
+    """Import every area's commands once (main() may run many times in one process, e.g. in tests)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     import importlib
 
     for area in ("model", "inference", "retrieval", "closed_forms", "training", "univae", "server"):
@@ -43,7 +51,8 @@ def fail(message: str, code: int = 2) -> None:
 def main(argv: list[str] | None = None) -> int:
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        # with standalone_mode=False click *returns* the code of a typer.Exit instead of raising it
+        result = app(args=argv, standalone_mode=False)
     except typer.Exit as exc:
         return exc.exit_code
     except InputError as exc:
@@ -58,15 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("rosim: interrupted", err=True)
         return 130
-    except Exception as exc:  # click usage errors
+    except Exception as exc:  # usage errors from click, or from the copy of click that typer >= 0.2x vendors
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        if isinstance(exc, (click.exceptions.Abort, typer.Abort)) or type(exc).__name__ == "Abort":
+            return 130
+        if isinstance(exc, (click.exceptions.ClickException, typer.TyperException)) and hasattr(exc, "show"):
             exc.show()
             return 2
-        if isinstance(exc, click.exceptions.Abort):
-            return 130
         raise
+    if isinstance(result, int) and not isinstance(result, bool):
+        return result
     return 0
 
 

@@ -121,12 +121,14 @@ def build_attention_bias(
     token_type_ids: torch.Tensor | None = None,
     extra_bias: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    past_length: int = 0,
 ) -> torch.Tensor | None:
     """Combine key padding, the structural mask and a caller's additive bias into one additive bias.
 
     ``attention_mask`` is ``(B, S)`` with 1 for real tokens and 0 for padding (S may exceed L when a
     cache holds earlier keys; the structural mask then applies to the last L keys only, which is
-    what incremental decoding needs). Returns ``(B, 1|h, L, S)`` or None when nothing is masked.
+    what incremental decoding needs; without ``attention_mask``, S = ``past_length`` + L).
+    Returns ``(B, 1|h, L, S)`` or None when nothing is masked.
     """
     allowed = None
     if attention_mask is not None:
@@ -140,7 +142,7 @@ def build_attention_bias(
             structural = causal_allowed(query_length, None if attention_mask is None else attention_mask.device)
         else:
             raise InputError(f"mask must be 'bidirectional', 'unilm' or 'causal', got {mask!r}")
-        key_length = attention_mask.shape[-1] if attention_mask is not None else structural.shape[-1]
+        key_length = attention_mask.shape[-1] if attention_mask is not None else past_length + structural.shape[-1]
         past = key_length - structural.shape[-1]
         if past > 0:  # earlier (cached) keys are visible to every new query
             pad = torch.ones(*structural.shape[:-1], past, dtype=torch.bool, device=structural.device)
@@ -338,8 +340,26 @@ class RoFormerSim(nn.Module):
         if length == 0:
             raise InputError("input_ids has length 0: nothing to encode")
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if past_key_values is not None and len(past_key_values) != len(self.layers):
+            raise InputError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        elif token_type_ids.shape != input_ids.shape:
+            raise InputError(
+                f"token_type_ids has shape {tuple(token_type_ids.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != (batch, past_length + length):
+            raise InputError(
+                f"attention_mask must be (batch, past + length) = {(batch, past_length + length)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+            raise InputError(
+                f"token ids must lie in [0, {self.config.vocab_size}), got {int(input_ids.min())}..{int(input_ids.max())}; "
+                "was the text encoded with this model's vocabulary?"
+            )
+        if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
+            raise InputError(f"segment ids must lie in [0, {self.config.type_vocab_size})")
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=input_ids.device)[None]
         if int(position_ids.max()) >= self.config.max_position and self.config.position == "absolute":
@@ -354,7 +374,7 @@ class RoFormerSim(nn.Module):
         if not per_layer:
             shared_bias = build_attention_bias(
                 attention_mask, query_length=length, mask=mask, token_type_ids=token_type_ids,
-                extra_bias=attention_bias, dtype=dtype,
+                extra_bias=attention_bias, dtype=dtype, past_length=past_length,
             )
 
         x = self.embeddings(input_ids, token_type_ids, position_ids.expand(batch, -1))

@@ -6,6 +6,7 @@ letters and digits go through WordPiece (``##`` continuations), like bert4keras'
 
 Truncation (documented behaviour): a single text keeps its first ``max_length - 2`` tokens; a pair
 is truncated longest-first to fit ``max_length`` in total (bert4keras ``truncate_sequences``).
+An empty or blank text encodes to ``[CLS] [SEP]`` (documented behaviour: its vector is well defined).
 """
 
 from __future__ import annotations
@@ -191,8 +192,12 @@ def build_vocab(
     characters and their ``##`` continuations, plus the most frequent whole ASCII words, so that any
     ASCII text tokenizes without [UNK].
     """
-    if max_size < len(SPECIAL_TOKENS) + 1:
-        raise InputError(f"max_size must exceed {len(SPECIAL_TOKENS)}, got {max_size}")
+    ascii_base = list("0123456789abcdefghijklmnopqrstuvwxyz")
+    smallest = len(SPECIAL_TOKENS) + 2 * len(ascii_base)
+    if max_size < smallest:
+        raise InputError(
+            f"max_size must be at least {smallest} (special tokens + ASCII letters/digits and their ## forms), got {max_size}"
+        )
     normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase)
     pre = pre_tokenizers.BertPreTokenizer()
     chars: Counter[str] = Counter()
@@ -206,7 +211,6 @@ def build_vocab(
                 chars.update(piece)
     vocab = list(SPECIAL_TOKENS)
     seen = set(vocab)
-    ascii_base = [c for c in "0123456789abcdefghijklmnopqrstuvwxyz"]
     for c in ascii_base:  # always present: ASCII never becomes [UNK]
         for tok in (c, "##" + c):
             vocab.append(tok)

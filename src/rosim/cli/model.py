@@ -1,0 +1,114 @@
+"""``rosim convert`` and ``rosim info``: bring checkpoints into rosim's format and look inside them."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from rosim.errors import CheckpointError, InputError
+
+# --allow-missing NAME -> the rosim tensor-name prefix it allows to be missing
+ALLOW_MISSING = {"pooler": "pooler."}
+
+
+class SourceFormat(StrEnum):
+    hf = "hf"
+    bert4keras = "bert4keras"
+    bert = "bert"
+
+
+class Bert4kerasModel(StrEnum):
+    auto = "auto"
+    roformer = "roformer"
+    bert = "bert"
+
+
+class PoolerActivation(StrEnum):
+    linear = "linear"
+    tanh = "tanh"
+
+
+def _import(src: Path, fmt: SourceFormat, allow_missing: tuple[str, ...], model: Bert4kerasModel | None):
+    if fmt is SourceFormat.bert4keras:
+        from rosim.checkpoints.bert4keras import import_bert4keras
+
+        return import_bert4keras(src, model=(model or Bert4kerasModel.auto).value, allow_missing=allow_missing)
+    if model is not None:
+        raise InputError("--model applies to --from bert4keras only (--from hf is RoFormer, --from bert is BERT)")
+    from rosim.checkpoints.hf import import_hf
+
+    return import_hf(src, variant="roformer" if fmt is SourceFormat.hf else "bert", allow_missing=allow_missing)
+
+
+def convert(
+    src: Path = typer.Argument(..., help="The checkpoint to convert: a directory (or, for bert4keras, a checkpoint prefix)."),
+    dst: Path = typer.Argument(..., help="Output directory (rosim format: config.json, model.safetensors, vocab.txt)."),
+    source_format: SourceFormat = typer.Option(
+        ..., "--from",
+        help="hf: HF RoFormer-Sim (junnyu/roformer_chinese_sim_char_*); bert4keras: original TF checkpoint "
+        "(bert_model.ckpt.*, bert_config.json, vocab.txt); bert: HF BERT (SimBERT v1).",
+    ),
+    allow_missing: list[str] = typer.Option(
+        [], "--allow-missing", help="Part the checkpoint may lack, initialised randomly and reported: pooler."
+    ),
+    model: Bert4kerasModel | None = typer.Option(
+        None, "--model", help="bert4keras only: roformer or bert (default: detected from the position table)."
+    ),
+    pooler_activation: PoolerActivation | None = typer.Option(
+        None, "--pooler-activation",
+        help="Override the pooler activation (defaults: linear for hf and bert4keras, the config's for bert).",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
+) -> None:
+    """Convert a checkpoint into rosim's own format (written atomically) and print what was loaded."""
+    from rosim.checkpoints.io import save_checkpoint
+
+    unknown = [a for a in allow_missing if a not in ALLOW_MISSING]
+    if unknown:
+        raise InputError(f"--allow-missing accepts {sorted(ALLOW_MISSING)}, got {unknown}")
+    if not src.exists() and not (source_format is SourceFormat.bert4keras and Path(f"{src}.index").is_file()):
+        raise CheckpointError(f"source checkpoint not found: {src}")
+    if dst.exists():
+        if src.exists() and dst.resolve() == src.resolve():
+            raise InputError("DST is the source directory; write the converted checkpoint elsewhere")
+        if not dst.is_dir():
+            raise InputError(f"{dst} exists and is not a directory")
+        if any(dst.iterdir()) and not overwrite:
+            raise InputError(f"{dst} exists and is not empty; pass --overwrite to replace it")
+
+    rosim_model, tokenizer, report = _import(
+        src, source_format, tuple(ALLOW_MISSING[a] for a in allow_missing), model
+    )
+    if pooler_activation is not None:
+        rosim_model.config.pooler_activation = pooler_activation.value
+    save_checkpoint(dst, rosim_model, tokenizer, metadata={"converted_from": source_format.value, "source": src.name})
+    cfg = rosim_model.config
+    typer.echo(f"converted {src} ({source_format.value}) -> {dst}")
+    typer.echo(
+        f"model: {cfg.position} positions, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
+        f"vocab {cfg.vocab_size}, pooler {'yes (' + cfg.pooler_activation + ')' if cfg.with_pooler else 'no'}, "
+        f"LM head {'yes' if cfg.with_lm_head else 'no'}; {rosim_model.num_parameters():,} parameters"
+    )
+    typer.echo(f"load report: {report}")
+
+
+def info(directory: Path = typer.Argument(..., help="A rosim checkpoint directory.")) -> None:
+    """Print a rosim checkpoint's config and parameter counts (loading it strictly)."""
+    from rosim.checkpoints.io import load_checkpoint
+
+    rosim_model, tokenizer, _ = load_checkpoint(directory)
+    typer.echo(json.dumps(rosim_model.config.to_dict(), indent=2, ensure_ascii=False))
+    parts: dict[str, int] = {}
+    for name, p in rosim_model.named_parameters():
+        part = name.split(".")[0]
+        parts[part] = parts.get(part, 0) + p.numel()
+    typer.echo(f"parameters: {rosim_model.num_parameters():,} (" + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + ")")
+    typer.echo(f"vocabulary: {len(tokenizer)} tokens")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("convert")(convert)
+    app.command("info")(info)

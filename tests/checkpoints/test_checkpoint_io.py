@@ -1,0 +1,175 @@
+"""rosim's own checkpoint format: bit-identical round trips, atomic writes, strict and explained loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from rosim.checkpoints.io import load_checkpoint, load_state_strict, save_checkpoint
+from rosim.errors import CheckpointError, InputError
+from rosim.tokenization.tokenizer import CharTokenizer
+from tests.helpers import tiny_model
+
+
+def _all_outputs(model, tok):
+    enc = tok(["今天天气不错", "广州和深圳哪个好？"], ["今天天气很好", "电影不错"])
+    with torch.no_grad():
+        bi = model(enc.input_ids, enc.token_type_ids, enc.attention_mask)
+        uni = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, mask="unilm")
+    return [bi.last_hidden_state, bi.pooled, uni.last_hidden_state, model.lm_logits(uni.last_hidden_state)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"position": "absolute", "pooler_activation": "tanh"}])
+def test_save_then_load_is_bit_identical(tmp_path, kw):
+    model, tok = tiny_model(seed=1, **kw)
+    save_checkpoint(tmp_path / "ck", model, tok, metadata={"note": "test"})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    loaded, tok2, report = load_checkpoint(tmp_path / "ck")
+    assert str(report) == "all tensors loaded"
+    assert loaded.config == model.config and tok2.vocab == tok.vocab
+    for a, b in zip(_all_outputs(model, tok), _all_outputs(loaded, tok2), strict=True):
+        assert torch.equal(a, b)
+    assert not loaded.training
+
+
+def test_save_is_atomic(tmp_path):
+    model, tok = tiny_model()
+    target = tmp_path / "ck"
+    save_checkpoint(target, model, tok)
+    before = (target / "model.safetensors").read_bytes()
+
+    class Boom(CharTokenizer):
+        def save(self, path):
+            raise OSError("disk full")
+
+    other, _ = tiny_model(seed=5)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(target, other, Boom(tok.vocab))
+    assert (target / "model.safetensors").read_bytes() == before  # the old checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]  # no temporary directory left behind
+    save_checkpoint(target, other, tok)  # replacing works
+    assert (target / "model.safetensors").read_bytes() != before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_tokenizer_must_match_the_model(tmp_path):
+    model, _ = tiny_model()
+    small = CharTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "你"])
+    with pytest.raises(InputError, match="vocab_size"):
+        save_checkpoint(tmp_path / "ck", model, small)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, tok = tiny_model()
+    save_checkpoint(tmp_path / "ck", model, tok)
+    return tmp_path / "ck"
+
+
+def test_truncated_and_corrupt_safetensors(saved):
+    weights = saved / "model.safetensors"
+    raw = weights.read_bytes()
+    weights.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(saved)
+    weights.write_bytes(b"\x00" * 7)
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(saved)
+    weights.write_bytes((10**9).to_bytes(8, "little") + b"{}")  # header length far past the end
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        load_checkpoint(saved)
+    weights.unlink()
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        load_checkpoint(saved)
+
+
+def test_config_that_does_not_match_the_tensors(saved):
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["intermediate_size"] = 48
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"shape mismatches .*layers.0.intermediate.weight: checkpoint \(64, 32\) vs model \(48, 32\)"):
+        load_checkpoint(saved)
+    cfg["intermediate_size"], cfg["num_layers"] = 64, 3
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['layers.2."):
+        load_checkpoint(saved)
+    cfg["num_layers"], cfg["hidden_size"] = 2, 30
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="divisible by num_heads"):
+        load_checkpoint(saved)
+    cfg["hidden_size"], cfg["colour"] = 32, "red"
+    (saved / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"unknown keys \['colour'\]"):
+        load_checkpoint(saved)
+    (saved / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(saved)
+
+
+def test_missing_and_unexpected_tensors_are_named(saved):
+    weights = saved / "model.safetensors"
+    state = load_file(str(weights))
+    state["layers.0.attention.extra"] = torch.zeros(2)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"unexpected tensors \['layers.0.attention.extra'\]"):
+        load_checkpoint(saved)
+    del state["layers.0.attention.extra"], state["layers.1.ffn_norm.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['layers.1.ffn_norm.bias'\]"):
+        load_checkpoint(saved)
+
+
+def test_partial_load_of_the_pooler_must_be_asked_for_and_is_reported(saved):
+    weights = saved / "model.safetensors"
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("pooler.")}
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['pooler.bias', 'pooler.weight'\].*allow_missing"):
+        load_checkpoint(saved)
+    model, _, report = load_checkpoint(saved, allow_missing=("pooler.",))
+    assert report.missing == ["pooler.bias", "pooler.weight"]
+    assert str(report) == "initialised randomly (not in checkpoint): pooler.bias, pooler.weight"
+    # allowing the pooler does not let other tensors go missing
+    del state["layers.0.ffn_norm.bias"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing tensors \['layers.0.ffn_norm.bias'\]"):
+        load_checkpoint(saved, allow_missing=("pooler.",))
+
+
+def test_vocab_problems(saved):
+    vocab = saved / "vocab.txt"
+    lines = vocab.read_text(encoding="utf-8").splitlines()
+    vocab.write_text("\n".join(t for t in lines if t != "[MASK]") + "\n[X]\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=r"lacks the special tokens \['\[MASK\]'\]"):
+        load_checkpoint(saved)
+    vocab.write_text("\n".join(lines[:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match="vocab.txt has 119 tokens but config.json says vocab_size=120"):
+        load_checkpoint(saved)
+    vocab.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(CheckpointError, match="not UTF-8"):
+        load_checkpoint(saved)
+    vocab.unlink()
+    with pytest.raises(CheckpointError, match="vocabulary file not found"):
+        load_checkpoint(saved)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint directory not found"):
+        load_checkpoint(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        load_checkpoint(tmp_path / "file")
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_checkpoint(tmp_path)
+    assert issubclass(CheckpointError, InputError)  # bad input: CLI exit status 2
+
+
+def test_load_state_strict_reports_shapes_and_names():
+    model, _ = tiny_model()
+    state = dict(model.state_dict())
+    state["pooler.weight"] = torch.zeros(3, 3)
+    with pytest.raises(CheckpointError, match=r"pooler.weight: checkpoint \(3, 3\) vs model \(32, 32\)"):
+        load_state_strict(model, state)

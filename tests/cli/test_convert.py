@@ -1,0 +1,143 @@
+"""``rosim convert`` / ``rosim info``: round trips and one-line errors with exit status 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rosim.checkpoints.hf import import_hf, rosim_to_hf_names
+from rosim.checkpoints.io import load_checkpoint
+from rosim.cli import main
+from tests.checkpoints.fixtures import bert4keras_arrays, write_bert4keras_dir, write_hf_dir
+from tests.helpers import tiny_model
+
+
+def _hf_dir(path: Path, model, tok, *, pooler=True) -> Path:
+    """Our tiny model written in the junnyu HF layout."""
+    names = rosim_to_hf_names(model.config, "roformer")
+    state = {names[k]: v for k, v in model.state_dict().items() if pooler or not k.startswith("pooler.")}
+    state["cls.predictions.decoder.weight"] = state["roformer.embeddings.word_embeddings.weight"]
+    c = model.config
+    config = {"model_type": "roformer", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+              "num_hidden_layers": c.num_layers, "num_attention_heads": c.num_heads,
+              "intermediate_size": c.intermediate_size, "max_position_embeddings": c.max_position,
+              "hidden_act": "gelu", "type_vocab_size": 2, "embedding_size": c.hidden_size, "rotary_value": False}
+    return write_hf_dir(path, state, config, tok, fmt="bin")
+
+
+def _same_outputs(a, b, tok):
+    enc = tok(["今天天气不错"], ["今天天气很好"])
+    with torch.no_grad():
+        x = a(enc.input_ids, enc.token_type_ids, mask="unilm")
+        y = b(enc.input_ids, enc.token_type_ids, mask="unilm")
+    return torch.equal(x.last_hidden_state, y.last_hidden_state) and torch.equal(x.pooled, y.pooled) and torch.equal(
+        a.lm_logits(x.last_hidden_state), b.lm_logits(y.last_hidden_state))
+
+
+def test_convert_hf_round_trip(tmp_path, capsys):
+    model, tok = tiny_model(seed=4)
+    src = _hf_dir(tmp_path / "hf", model, tok)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--from", "hf"]) == 0
+    out = capsys.readouterr().out
+    assert "load report: all tensors loaded" in out and "rotary positions, 2 layers" in out
+    loaded, tok2, _ = load_checkpoint(tmp_path / "out")
+    assert tok2.vocab == tok.vocab and _same_outputs(model, loaded, tok)
+
+    assert main(["info", str(tmp_path / "out")]) == 0
+    info = capsys.readouterr().out
+    assert '"hidden_size": 32' in info and f"parameters: {model.num_parameters():,}" in info
+
+
+@pytest.mark.parametrize("position", ["rotary", "absolute"])
+def test_convert_bert4keras_round_trip(tmp_path, capsys, position):
+    model, tok = tiny_model(seed=5, position=position)
+    src = write_bert4keras_dir(tmp_path / "b4k", model, tok)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--from", "bert4keras"]) == 0
+    assert "all tensors loaded" in capsys.readouterr().out
+    loaded, _, _ = load_checkpoint(tmp_path / "out")
+    assert loaded.config.position == position and _same_outputs(model, loaded, tok)
+
+
+def test_convert_hf_bert(tmp_path, capsys):
+    model, tok = tiny_model(seed=6, position="absolute", pooler_activation="tanh")
+    names = rosim_to_hf_names(model.config, "bert")
+    c = model.config
+    config = {"vocab_size": c.vocab_size, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 128, "hidden_act": "gelu", "type_vocab_size": 2}
+    src = write_hf_dir(tmp_path / "bert", {names[k]: v for k, v in model.state_dict().items()}, config, tok,
+                       fmt="safetensors")
+    assert main(["convert", str(src), str(tmp_path / "out"), "--from", "bert", "--pooler-activation", "linear"]) == 0
+    loaded, _, _ = load_checkpoint(tmp_path / "out")
+    assert loaded.config.pooler_activation == "linear"
+    model.config.pooler_activation = "linear"
+    assert _same_outputs(model, loaded, tok)
+
+
+def test_allow_missing_pooler(tmp_path, capsys):
+    model, tok = tiny_model()
+    src = _hf_dir(tmp_path / "hf", model, tok, pooler=False)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--from", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rosim: error: ") and "--allow-missing pooler" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    assert main(["convert", str(src), str(tmp_path / "out"), "--from", "hf", "--allow-missing", "pooler"]) == 0
+    assert "initialised randomly (not in checkpoint): pooler.bias, pooler.weight" in capsys.readouterr().out
+    assert main(["convert", str(src), str(tmp_path / "o2"), "--from", "hf", "--allow-missing", "encoder"]) == 2
+    assert "--allow-missing accepts ['pooler']" in capsys.readouterr().err
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+    def run(*args):
+        code = main(list(args))
+        err = capsys.readouterr().err
+        return code, err
+
+    code, err = run("convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--from", "hf")
+    assert code == 2 and "not found" in err and "Traceback" not in err
+
+    model, tok = tiny_model()
+    src = write_bert4keras_dir(tmp_path / "b4k", model, tok)
+    data = src / "bert_model.ckpt.data-00000-of-00001"
+    data.write_bytes(data.read_bytes()[:100])
+    code, err = run("convert", str(src), str(tmp_path / "out"), "--from", "bert4keras")
+    assert code == 2 and "truncated" in err and not (tmp_path / "out").exists()
+
+    hf = _hf_dir(tmp_path / "hf", model, tok)
+    (hf / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    code, err = run("convert", str(hf), str(tmp_path / "out"), "--from", "hf")
+    assert code == 2 and "corrupt" in err
+
+    code, err = run("convert", str(hf), str(tmp_path / "out"), "--from", "tf2")
+    assert code == 2 and "tf2" in err
+
+    code, err = run("convert", str(hf), str(tmp_path / "out"), "--from", "hf", "--model", "bert")
+    assert code == 2 and "--model applies to --from bert4keras only" in err
+
+    code, err = run("info", str(tmp_path / "missing"))
+    assert code == 2 and "not found" in err
+
+
+def test_existing_destination_needs_overwrite(tmp_path, capsys):
+    model, tok = tiny_model()
+    src = write_bert4keras_dir(tmp_path / "b4k", model, tok)
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", str(src), str(dst), "--from", "bert4keras"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and (dst / "keep.txt").exists()
+    assert main(["convert", str(src), str(dst), "--from", "bert4keras", "--overwrite"]) == 0
+    assert not (dst / "keep.txt").exists() and (dst / "model.safetensors").exists()
+    assert main(["convert", str(src), str(src), "--from", "bert4keras", "--overwrite"]) == 2
+
+
+def test_imported_and_converted_models_agree(tmp_path):
+    """What `convert` writes loads to the same model the Python importer returns."""
+    model, tok = tiny_model(seed=8)
+    src = _hf_dir(tmp_path / "hf", model, tok)
+    assert main(["convert", str(src), str(tmp_path / "out"), "--from", "hf"]) == 0
+    direct, _, _ = import_hf(src)
+    loaded, _, _ = load_checkpoint(tmp_path / "out")
+    assert _same_outputs(direct, loaded, tok)
+    assert set(bert4keras_arrays(loaded)) == set(bert4keras_arrays(direct))

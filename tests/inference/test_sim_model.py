@@ -1,0 +1,160 @@
+"""SimModel: encoding, similarity, cached generation, sampling, similar()."""
+
+import numpy as np
+import pytest
+import torch
+
+from rosim import InputError, SimModel
+from rosim.inference.sampling import filter_logits, sample
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def sim():
+    model, tok = tiny_model(seed=3)
+    return SimModel(model, tok)
+
+
+def test_encode_shapes_order_and_normalisation(sim):
+    texts = ["今天天气不错", "我", "广州和深圳哪个好？科学技术是第一生产力。", "电影不错"]
+    vecs = sim.encode(texts, batch_size=2)
+    assert vecs.shape == (4, 32)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1, atol=1e-6)
+    one_by_one = np.stack([sim.encode(t) for t in texts])
+    assert np.abs(vecs - one_by_one).max() < 1e-5  # bucketing and padding change nothing
+    raw = sim.encode(texts, normalize=False, convert_to="torch")
+    assert isinstance(raw, torch.Tensor)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(4))
+
+
+def test_poolings_match_direct_computation(sim):
+    text = "我喜欢北京"
+    enc = sim.tokenizer(text)
+    with torch.no_grad():
+        out = sim.model(enc.input_ids, enc.token_type_ids, enc.attention_mask, output_hidden_states=True)
+    direct = {
+        "pooler": out.pooled[0],
+        "cls": out.last_hidden_state[0, 0],
+        "mean": out.last_hidden_state[0].mean(0),
+        "first-last-mean": ((out.hidden_states[1] + out.hidden_states[-1]) / 2)[0].mean(0),
+    }
+    for pooling, ref in direct.items():
+        got = sim.encode(text, pooling=pooling, normalize=False)
+        assert np.abs(got - ref.numpy()).max() < 1e-5, pooling
+
+
+def test_similarity_forms(sim):
+    s = sim.similarity("今天天气不错", "今天天气很好")
+    assert isinstance(s, float) and -1 <= s <= 1.0001
+    pair = sim.similarity(["我", "你"], ["他", "她"])
+    assert pair.shape == (2,)
+    mat = sim.similarity(["我", "你"], ["他", "她", "它"])
+    assert mat.shape == (2, 3)
+    assert abs(mat[0, 0] - pair[0]) < 1e-6
+
+
+def test_cached_logits_equal_recompute_at_every_step(sim):
+    model, tok = sim.model, sim.tokenizer
+    src = tok.build_inputs(tok.encode_ids("今天天气不错"))[0]
+    target = tok.encode_ids("我喜欢北京的秋天") + [tok.sep_id]
+    enc = tok.pad([(src, [0] * len(src))])
+    with torch.no_grad():
+        res = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, use_cache=True)
+        past = res.past_key_values
+        cached = [model.lm_logits(res.last_hidden_state[:, -1])]
+        mask = enc.attention_mask
+        for t, token in enumerate(target[:-1]):
+            mask = torch.cat([mask, torch.ones(1, 1, dtype=torch.long)], 1)
+            step = model(torch.tensor([[token]]), torch.ones(1, 1, dtype=torch.long), mask,
+                         position_ids=torch.tensor([[len(src) + t]]), past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            cached.append(model.lm_logits(step.last_hidden_state[:, -1]))
+        full_ids = torch.tensor([src + target])
+        types = torch.tensor([[0] * len(src) + [1] * len(target)])
+        full = model(full_ids, types, mask="unilm")
+        ref = model.lm_logits(full.last_hidden_state[0, len(src) - 1:-1])
+    assert (torch.cat(cached) - ref).abs().max() < 1e-5
+
+
+def test_cached_and_recompute_generate_identical_samples(sim):
+    texts = ["今天天气不错", "广州和深圳哪个好？"]
+    a = sim.generate(texts, 6, seed=11, max_length=12, top_p=0.9)
+    b = sim.generate(texts, 6, seed=11, max_length=12, top_p=0.9, strategy="recompute")
+    assert a == b
+    assert sim.generate(texts, 6, seed=11, max_length=12) == sim.generate(texts, 6, seed=11, max_length=12)
+    assert sim.generate(texts, 6, seed=12, max_length=12) != sim.generate(texts, 6, seed=11, max_length=12)
+
+
+def test_nucleus_keeps_tokens_up_to_and_including_the_crossing_one():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logp = filter_logits(probs.log(), top_p=0.8)
+    kept = torch.isfinite(logp)[0].tolist()
+    assert kept == [True, True, False, False]  # 0.5 < 0.8, 0.5+0.3 crosses: kept
+    logp = filter_logits(probs.log(), top_p=0.81)
+    assert torch.isfinite(logp)[0].tolist() == [True, True, True, False]
+    logp = filter_logits(probs.log(), top_p=0.4)
+    assert torch.isfinite(logp)[0].tolist() == [True, False, False, False]
+    assert torch.allclose(logp.exp().sum(), torch.tensor(1.0))
+    topk = filter_logits(probs.log(), top_k=2)
+    assert torch.allclose(topk.exp(), torch.tensor([[0.625, 0.375, 0, 0]]))
+    hot = filter_logits(probs.log(), temperature=0.5).exp()
+    assert torch.allclose(hot, probs**2 / (probs**2).sum())
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    logp = probs.log().expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(logp, g), minlength=3).float() / 20000
+    assert torch.allclose(counts, probs, atol=0.015)
+
+
+def test_similar_dedups_drops_input_and_ranks(sim, monkeypatch):
+    outs = [["今天天气很好", "今天天气不错", "今天天气很好", "天气不错", ""]]
+    monkeypatch.setattr(sim, "generate", lambda items, n, **kw: outs * len(items))
+    res = sim.similar("今天天气不错", n=5, k=5)
+    texts = [t for t, _ in res]
+    assert sorted(texts) == ["今天天气很好", "天气不错"]
+    scores = [s for _, s in res]
+    assert scores == sorted(scores, reverse=True)
+    v = sim.encode(["今天天气不错", texts[0]])
+    assert abs(scores[0] - float(v[0] @ v[1])) < 1e-5
+    batch = sim.similar(["今天天气不错", "我喜欢北京"], n=5, k=1)
+    assert len(batch) == 2 and all(len(r) == 1 for r in batch)
+
+
+def test_mask_idxs_replaces_source_positions(sim):
+    src = sim._prepare_sources(["科学技术是第一生产力。"], [6, 7])[0]
+    assert src[6] == src[7] == sim.tokenizer.mask_id
+    with pytest.raises(InputError, match="mask index 40"):
+        sim.generate("科学", 2, mask_idxs=[40])
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda s: s.encode(""), "empty"),
+        (lambda s: s.encode("   "), "empty"),
+        (lambda s: s.encode([]), "no texts"),
+        (lambda s: s.generate("你好", 0), "n must be"),
+        (lambda s: s.generate("你好", 2, top_p=0), "top_p"),
+        (lambda s: s.generate("你好", 2, top_p=1.5), "top_p"),
+        (lambda s: s.generate("你好", 2, temperature=0), "temperature"),
+        (lambda s: s.similar("你好", n=3, k=5), "cannot exceed"),
+        (lambda s: s.similar("你好", n=3, k=0), "k must be"),
+        (lambda s: s.encode(["a", 3]), "expected str"),
+        (lambda s: s.encode("a", pooling="max"), "pooling"),
+    ],
+)
+def test_bad_input(sim, call, message):
+    with pytest.raises(InputError, match=message):
+        call(sim)
+
+
+def test_long_text_is_truncated_and_unknown_characters_are_unk(sim):
+    long = "天" * 500
+    assert sim.encode(long).shape == (32,)
+    assert np.allclose(sim.encode(long), sim.encode("天" * 62), atol=1e-6)  # documented: first 62 tokens
+    ids = sim.tokenizer.encode_ids("龘")
+    assert ids == [sim.tokenizer.unk_id]
+    assert len(sim.generate("天" * 500, 2, max_length=4, seed=0)) == 2
