@@ -53,6 +53,9 @@ def atomic_directory(target: str | os.PathLike):
         target_path = Path(target)
         target_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.tmp-", dir=target_path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is as readable as any other directory
         try:
             yield tmp
             backup = None
