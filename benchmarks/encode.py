@@ -23,7 +23,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (1: on a shared 2-core machine OpenMP waits dominate)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     texts = sts_sentences()
     if args.quick:
         texts = texts[:600]
