@@ -1,0 +1,193 @@
+"""Micro-batching: concurrent requests are queued and merged into one model call.
+
+A request becomes a *job*: a key (what kind of call, with which options), a list of items (texts)
+and a cost (texts for encoding, generated rows for generation). One worker task per batcher takes
+the oldest waiting job, waits until its jobs of the same key add up to ``max_batch`` or the oldest
+has waited ``max_wait_ms``, then runs them as one call on a single model thread, and hands every
+job back its own slice of the results. Jobs that queued while the model was busy go out at once.
+
+With ``enabled=False`` every job is its own call (the same thread, the same queue): the baseline
+that ``benchmarks/serve.py`` compares against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+RunFn = Callable[[Hashable, list[Any]], Sequence[Any]]
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than the batcher accepts; the server answers 503."""
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    items: list[Any]
+    cost: int
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """Counters for /health and the tests: how many requests became how many model calls."""
+
+    requests: int = 0
+    calls: int = 0
+    items: int = 0
+    largest_call: int = 0  # jobs merged into the largest call
+    rejected: int = 0
+    busy_s: float = 0.0  # wall time spent inside model calls
+
+    def as_dict(self) -> dict[str, int | float]:
+        return dict(requests=self.requests, model_calls=self.calls, items=self.items,
+                    largest_call=self.largest_call, rejected=self.rejected, model_seconds=round(self.busy_s, 3))
+
+
+class MicroBatcher:
+    """Queue jobs and run them in merged calls of ``run(key, items) -> results`` (one result per item).
+
+    ``run`` executes on ``executor`` (share a one-thread executor between batchers so that model
+    calls never overlap). If a merged call raises, each of its jobs is retried alone so that one bad
+    request cannot fail its neighbours.
+    """
+
+    def __init__(self, run: RunFn, executor: Executor, *, max_batch: int = 64, max_wait_ms: float = 5.0,
+                 enabled: bool = True, max_queue: int = 256, name: str = "batcher"):
+        if max_batch <= 0:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.run, self.executor, self.name = run, executor, name
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.enabled, self.max_queue = enabled, max_queue
+        self.stats = BatchStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task | None = None
+        self._pending: collections.deque[_Job] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ public
+    async def submit(self, key: Hashable, items: list[Any], cost: int | None = None) -> list[Any]:
+        """Queue ``items`` under ``key`` and wait for their results (in order)."""
+        loop = asyncio.get_running_loop()
+        self._ensure_worker(loop)
+        if len(self._pending) >= self.max_queue:
+            self.stats.rejected += 1
+            raise QueueFull(f"{len(self._pending)} requests are already waiting for the model; retry shortly")
+        job = _Job(key, list(items), max(1, len(items) if cost is None else cost), loop.create_future())
+        self._pending.append(job)
+        self.stats.requests += 1
+        self._wakeup.set()
+        return await job.future  # cancelling the caller cancels the future: the worker then skips the job
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    async def aclose(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._task = None
+
+    # ------------------------------------------------------------------ worker
+    def _ensure_worker(self, loop: asyncio.AbstractEventLoop) -> None:
+        # The worker belongs to the running loop; a new loop (a test client per request) gets a new one.
+        if self._loop is not loop or self._task is None or self._task.done():
+            if self._loop is not loop:
+                self._pending = collections.deque(j for j in self._pending if not j.future.done()
+                                                  and j.future.get_loop() is loop)
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._worker(), name=f"rosim-{self.name}")
+
+    def _same_key_cost(self, key: Hashable) -> int:
+        return sum(j.cost for j in self._pending if j.key == key and not j.future.done())
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._pending and self._pending[0].future.done():  # cancelled while queued
+                self._pending.popleft()
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            oldest = self._pending[0]
+            if self.enabled:
+                deadline = oldest.arrived + self.max_wait
+                while self._same_key_cost(oldest.key) < self.max_batch:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), remaining)
+                    except TimeoutError:
+                        break
+            jobs = self._take(oldest.key)
+            if jobs:
+                await self._run_jobs(loop, oldest.key, jobs)
+
+    def _take(self, key: Hashable) -> list[_Job]:
+        """Remove and return the oldest live jobs of ``key``, up to ``max_batch`` cost (at least one)."""
+        taken, cost, rest = [], 0, collections.deque()
+        for job in self._pending:
+            if job.future.done():
+                continue
+            fits = not taken or (self.enabled and cost + job.cost <= self.max_batch)
+            if job.key == key and fits:
+                taken.append(job)
+                cost += job.cost
+            else:
+                rest.append(job)
+        self._pending = rest
+        return taken
+
+    def _timed(self, key: Hashable, items: list[Any]) -> Sequence[Any]:
+        start = time.perf_counter()
+        try:
+            return self.run(key, items)
+        finally:
+            self.stats.busy_s += time.perf_counter() - start
+
+    async def _run_jobs(self, loop: asyncio.AbstractEventLoop, key: Hashable, jobs: list[_Job]) -> None:
+        flat = [item for job in jobs for item in job.items]
+        self.stats.calls += 1
+        self.stats.items += len(flat)
+        self.stats.largest_call = max(self.stats.largest_call, len(jobs))
+        try:
+            results = await loop.run_in_executor(self.executor, self._timed, key, flat)
+        except Exception as exc:
+            if len(jobs) == 1:
+                if not jobs[0].future.done():
+                    jobs[0].future.set_exception(exc)
+                return
+            for job in jobs:  # isolate the failure: each job alone
+                if not job.future.done():
+                    await self._run_jobs(loop, key, [job])
+            return
+        if len(results) != len(flat):
+            exc = RuntimeError(f"{self.name}: run returned {len(results)} results for {len(flat)} items")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        offset = 0
+        for job in jobs:
+            part = list(results[offset:offset + len(job.items)])
+            offset += len(job.items)
+            if not job.future.done():
+                job.future.set_result(part)
