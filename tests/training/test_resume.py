@@ -89,3 +89,34 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path):
     assert losses(log_a) == losses(log_b) and len(log_a) == 6
     kept = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     assert kept == ["step-00000025", "step-00000030"]  # keep_last = 2, no temporary leftovers
+
+
+@pytest.mark.slow
+def test_prefetch_workers_and_time_limit_then_resume_match_plain_run(tmp_path: Path):
+    """Batches built ahead in 2 worker processes are the batches of the plain loop; a run stopped by
+    its time limit records the position of the last *consumed* batch, so resuming it (again with
+    workers) ends with the plain run's weights, bit for bit."""
+    write_pairs(tmp_path / "p.jsonl", paraphrases())
+    (tmp_path / "g.jsonl").write_text(
+        "".join(json.dumps({"text": f"{p}怎么样？", "synonyms": [f"{p}好不好？", f"你觉得{p}如何？"]},
+                           ensure_ascii=False) + "\n" for p in ("北京", "上海", "广州")), encoding="utf-8")
+    for name in ("plain", "workers"):
+        (tmp_path / f"{name}.toml").write_text(CONFIG.format(out=name))
+    plain = rosim("train", "stage1", "-c", "plain.toml", "-q", cwd=tmp_path)
+    assert plain.wait(timeout=180) == 0, plain.stderr.read().decode()
+
+    stopped = rosim("train", "stage1", "-c", "workers.toml", "-q", "--set", "train.data_workers=2",
+                    "--set", "train.time_limit_s=0.2", cwd=tmp_path)
+    assert stopped.wait(timeout=180) == 0, stopped.stderr.read().decode()
+    meta = json.loads((tmp_path / "workers" / "final" / "config.json").read_text())
+    log = (tmp_path / "workers" / "log.jsonl").read_text().splitlines()
+    assert len(log) < 6, "the time limit did not stop the run early"
+    assert meta  # a final model was written at the stop
+
+    resumed = rosim("train", "stage1", "-c", "workers.toml", "-q", "--resume", "--set", "train.data_workers=2",
+                    cwd=tmp_path)
+    assert resumed.wait(timeout=180) == 0, resumed.stderr.read().decode()
+    a = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "workers" / "final" / "model.safetensors")
+    for k in a:
+        assert (a[k] == b[k]).all(), k

@@ -93,6 +93,8 @@ class TrainSection:
     chunk_size: int = 0  # >0: gradient-cached contrastive part in chunks of this many rows
     device: str = "auto"  # auto, cpu, cuda, cuda:N
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU), fp32, bf16
+    data_workers: int = 0  # >0: build batches ahead in this many processes (same batches, same resume)
+    time_limit_s: float = 0.0  # >0: stop (checkpoint + final) once training has run this long
 
 
 @dataclass
@@ -134,6 +136,10 @@ class TrainConfig:
             raise InputError("[loss] rdrop_alpha applies to the generation loss of stage1 and stage2, not to mlm")
         if t.lr <= 0 or t.weight_decay < 0 or t.clip_norm < 0 or t.warmup_steps < 0 or t.chunk_size < 0:
             raise InputError("lr must be > 0; weight_decay, clip_norm, warmup_steps and chunk_size must be >= 0")
+        if not isinstance(t.data_workers, int) or t.data_workers < 0:
+            raise InputError(f"data_workers must be an integer >= 0, got {t.data_workers!r}")
+        if not isinstance(t.time_limit_s, (int, float)) or t.time_limit_s < 0:
+            raise InputError(f"time_limit_s must be a number >= 0, got {t.time_limit_s!r}")
         if t.schedule not in ("constant", "linear", "cosine"):
             raise InputError(f"schedule must be constant, linear or cosine, got {t.schedule!r}")
         if t.precision not in ("auto", "fp32", "bf16"):

@@ -451,3 +451,71 @@ class MLMBatcher:
         for i, row in enumerate(labels):
             lab[i, : len(row)] = torch.tensor(row)
         return Batch(enc, list(texts), [True] * len(texts), lab)
+
+
+# --------------------------------------------------------------------------------------------
+# batches built ahead in worker processes
+# --------------------------------------------------------------------------------------------
+_WORKER_BATCHER: Any = None
+
+
+def _prefetch_worker_init(batcher) -> None:
+    global _WORKER_BATCHER
+    torch.set_num_threads(1)
+    _WORKER_BATCHER = batcher
+
+
+def _pack(batch: Batch) -> dict:
+    enc = batch.encoding
+    return {"ids": enc.input_ids.numpy(), "types": enc.token_type_ids.numpy(), "mask": enc.attention_mask.numpy(),
+            "sources": batch.sources, "noised": batch.noised,
+            "labels": None if batch.labels is None else batch.labels.numpy()}
+
+
+def _unpack(d: dict) -> Batch:
+    enc = Encoding(torch.from_numpy(d["ids"]), torch.from_numpy(d["types"]), torch.from_numpy(d["mask"]))
+    labels = None if d["labels"] is None else torch.from_numpy(d["labels"])
+    return Batch(enc, d["sources"], d["noised"], labels)
+
+
+def _prefetch_worker_build(items, step: int) -> dict:
+    return _pack(_WORKER_BATCHER(items, step))
+
+
+class BatchPrefetcher:
+    """Builds the batches of the next ``depth`` steps in ``workers`` processes while the model trains.
+
+    A batch is a pure function of its items (pairs or texts), the seed and the step (see
+    :class:`PairBatcher`), so a batch built ahead in a worker equals the one the trainer would build
+    itself. The items are still drawn from the stream here, in order, and the stream's position
+    after each draw is kept with its batch: :meth:`next` returns the batch and the position a
+    checkpoint taken after that step must record (not the position of the draws made ahead).
+
+    ``draw()`` returns the items of one global batch; ``start_step`` is the step of the first batch.
+    """
+
+    def __init__(self, stream: PairStream, batcher, draw, *, workers: int, depth: int, start_step: int):
+        import multiprocessing
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+
+        if workers <= 0 or depth <= 0:
+            raise InputError(f"the prefetcher needs workers > 0 and depth > 0, got {workers} and {depth}")
+        self.stream, self.draw, self.depth = stream, draw, depth
+        self.next_step = start_step
+        self.queue: deque = deque()
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_prefetch_worker_init, initargs=(batcher,))
+
+    def next(self) -> tuple[Batch, dict]:
+        while len(self.queue) < self.depth:
+            items = self.draw()
+            state = self.stream.state_dict()
+            self.queue.append((self.pool.submit(_prefetch_worker_build, items, self.next_step), state))
+            self.next_step += 1
+        future, state = self.queue.popleft()
+        return _unpack(future.result()), state
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.clear()

@@ -48,7 +48,7 @@ from rosim.errors import CheckpointError, InputError
 from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
 from rosim.tokenization.tokenizer import CharTokenizer, build_vocab
 from rosim.training.config import TrainConfig, config_to_dict
-from rosim.training.data import MLMBatcher, PairBatcher, PairStream, Source, iter_texts
+from rosim.training.data import BatchPrefetcher, MLMBatcher, PairBatcher, PairStream, Source, iter_texts
 from rosim.training.stages import MLMObjective, Objective, Stage1Objective, Stage2Objective, StepContext
 
 log = logging.getLogger(__name__)
@@ -359,6 +359,11 @@ class Trainer:
         self.step = 0
         if self.resume_from is not None:
             self._restore(self.resume_from)
+        self.prefetcher: BatchPrefetcher | None = None
+        self._data_state: dict | None = None  # with a prefetcher: the stream position after the last step's draw
+        if t.data_workers > 0:
+            self.prefetcher = BatchPrefetcher(self.stream, self.batcher, self._draw, workers=t.data_workers,
+                                              depth=max(2 * t.data_workers, 4), start_step=self.step)
 
     # ---------------------------------------------------------------- pieces
     def _objective(self, teacher) -> Objective:
@@ -380,12 +385,30 @@ class Trainer:
         if self.world > 1:
             dist.barrier()
 
-    def _next_global_batch(self):
+    def _draw(self):
+        """The items (texts or pairs) of the next global batch, from the stream."""
         t = self.cfg.train
         if self.stage == "mlm":
-            return self.batcher(self.stream.next_texts(t.batch_size), self.step)
-        pairs = [self.stream.next_pair() for _ in range(t.batch_size // 2)]
-        return self.batcher(pairs, self.step)
+            return self.stream.next_texts(t.batch_size)
+        return [self.stream.next_pair() for _ in range(t.batch_size // 2)]
+
+    def _next_global_batch(self):
+        if self.prefetcher is not None:
+            batch, self._data_state = self.prefetcher.next()
+            return batch
+        return self.batcher(self._draw(), self.step)
+
+    def _stop_for_time(self, started: float) -> bool:
+        """True once ``time_limit_s`` has passed (every process agrees, rank 0 decides)."""
+        limit = self.cfg.train.time_limit_s
+        if not limit:
+            return False
+        flag = torch.tensor([float(time.perf_counter() - started > limit)])
+        if self.world > 1:
+            if dist.get_backend() == "nccl":
+                flag = flag.to(self.device)
+            dist.broadcast(flag, 0)
+        return bool(flag.item())
 
     def _gather_rng(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         cpu = torch.get_rng_state()
@@ -409,7 +432,8 @@ class Trainer:
             with atomic_directory(target) as tmp:
                 save_checkpoint(tmp, self.model, self.tokenizer, metadata={"stage": self.stage, "step": self.step})
                 save_training_state(
-                    tmp, step=self.step, optimizer=self.optimizer, data_state=self.stream.state_dict(),
+                    tmp, step=self.step, optimizer=self.optimizer,
+                    data_state=self._data_state if self.prefetcher is not None else self.stream.state_dict(),
                     torch_rng_states=torch_states, cuda_rng_states=cuda_states,
                     extra={"stage": self.stage, "seed": self.cfg.train.seed},
                 )
@@ -475,8 +499,14 @@ class Trainer:
         window_tokens, window_start = 0, time.perf_counter()
         window_parts: dict[str, float] = {}
         window_steps = 0
+        started = time.perf_counter()
         try:
             while self.step < t.steps:
+                if self._stop_for_time(started):
+                    log.warning("time limit of %.0f s reached at step %d of %d: stopping", t.time_limit_s, self.step, t.steps)
+                    if self.step % t.save_every:
+                        self.save()
+                    break
                 batch = self._next_global_batch()
                 tokens = batch.num_tokens
                 if isinstance(self.objective, Stage2Objective):
@@ -518,6 +548,8 @@ class Trainer:
             bar.close()
             if log_file is not None:
                 log_file.close()
+            if self.prefetcher is not None:
+                self.prefetcher.close()
         final = self.out_dir / "final"
         if self.rank == 0:
             self.model.eval()
@@ -527,6 +559,8 @@ class Trainer:
         return final
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
