@@ -97,7 +97,9 @@ def run_stage(toml: str, stage: str, *, steps: int, time_limit: float, tiny: boo
     cfg = load_config(WORK / toml, overrides)
     if tiny and cfg.model.config:
         cfg.model.config.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-    trainer = Trainer(cfg, stage, overwrite=True, quiet=True)
+    marks: list[tuple[int, float]] = []  # (step, time) at every logged step: the speed without start-up
+    trainer = Trainer(cfg, stage, overwrite=True, quiet=True,
+                      on_step=lambda step, _: marks.append((step, time.perf_counter())))
     t0 = time.perf_counter()
     try:
         final = trainer.train()
@@ -106,7 +108,9 @@ def run_stage(toml: str, stage: str, *, steps: int, time_limit: float, tiny: boo
         trainer.close()
     secs = time.perf_counter() - t0
     log = [json.loads(x) for x in (Path(cfg.train.out_dir) / "log.jsonl").read_text().splitlines()]
-    info = {"steps": done, "seconds": round(secs, 1), "steps_per_s": round(done / secs, 3),
+    rate = (marks[-1][0] - marks[0][0]) / (marks[-1][1] - marks[0][1]) if len(marks) > 2 else done / secs
+    info = {"steps": done, "seconds": round(secs, 1), "steps_per_s": round(rate, 3),
+            "startup_s": round(marks[0][1] - t0 - marks[0][0] / rate, 1) if marks else None,
             "last_log": log[-1] if log else None}
     print(stage, json.dumps(info), flush=True)
     return final, info
@@ -161,7 +165,8 @@ def main() -> None:
     summary["stage1"]["valid_spearman"] = valid_spearman(final1)
     print("stage1 valid", summary["stage1"]["valid_spearman"], flush=True)
     left = args.budget - (time.perf_counter() - t_start)
-    steps2 = max(int(summary["stage1"]["steps_per_s"] * left * 0.92), 20)
+    startup = summary["stage1"]["startup_s"] or 0.0
+    steps2 = max(int(summary["stage1"]["steps_per_s"] * (left - startup - 5) * 0.96), 20)
     try:
         final2, summary["stage2"] = run_stage("stage2.toml", "stage2", steps=steps2, time_limit=left, tiny=args.tiny)
         summary["stage2"]["planned_steps"] = steps2

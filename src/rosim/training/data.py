@@ -20,6 +20,7 @@ run reads exactly the pairs an uninterrupted run would have read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -209,8 +210,12 @@ class _SourceReader:
         buf[i], buf[-1] = buf[-1], buf[i]
         return buf.pop()
 
-    def state_dict(self) -> dict:
-        st = self.state
+    def snapshot(self) -> _SourceState:
+        """A cheap copy of the position (the buffer list copied, its records shared)."""
+        return dataclasses.replace(self.state, buffer=list(self.state.buffer))
+
+    def state_dict(self, state: _SourceState | None = None) -> dict:
+        st = self.state if state is None else state
         return {
             "offset": st.offset, "line": st.line, "epoch": st.epoch, "good_in_epoch": st.good_in_epoch,
             "skipped": st.skipped, "buffer": [list(r) if isinstance(r, tuple) else {"group": r} for r in st.buffer],
@@ -305,14 +310,21 @@ class PairStream(IterableDataset):
             yield self.next_pair()
 
     # ---------------------------------------------------------------- resumable position
-    def state_dict(self) -> dict:
+    def snapshot(self) -> dict:
+        """The position now, cheaply (no JSON conversion): :meth:`state_dict` turns it into the
+        JSON-serialisable form later, e.g. only for the steps that are checkpointed."""
+        return {"readers": [r.snapshot() for r in self.readers], "current": list(self.current),
+                "rng": self.rng.bit_generator.state, "pairs_read": self.pairs_read, "pending": list(self.pending)}
+
+    def state_dict(self, snapshot: dict | None = None) -> dict:
+        snap = self.snapshot() if snapshot is None else snapshot
         return {
             "sources": [s.path for s in self.sources],
-            "readers": [r.state_dict() for r in self.readers],
-            "current": list(self.current),
-            "rng": self.rng.bit_generator.state,
-            "pairs_read": self.pairs_read,
-            "pending": list(self.pending),
+            "readers": [r.state_dict(st) for r, st in zip(self.readers, snap["readers"], strict=True)],
+            "current": list(snap["current"]),
+            "rng": snap["rng"],
+            "pairs_read": snap["pairs_read"],
+            "pending": list(snap["pending"]),
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -508,9 +520,10 @@ class BatchPrefetcher:
                                         initializer=_prefetch_worker_init, initargs=(batcher,))
 
     def next(self) -> tuple[Batch, dict]:
+        """The next step's batch and the stream position after its draw (a :meth:`PairStream.snapshot`)."""
         while len(self.queue) < self.depth:
             items = self.draw()
-            state = self.stream.state_dict()
+            state = self.stream.snapshot()
             self.queue.append((self.pool.submit(_prefetch_worker_build, items, self.next_step), state))
             self.next_step += 1
         future, state = self.queue.popleft()

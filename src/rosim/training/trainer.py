@@ -433,7 +433,7 @@ class Trainer:
                 save_checkpoint(tmp, self.model, self.tokenizer, metadata={"stage": self.stage, "step": self.step})
                 save_training_state(
                     tmp, step=self.step, optimizer=self.optimizer,
-                    data_state=self._data_state if self.prefetcher is not None else self.stream.state_dict(),
+                    data_state=self.stream.state_dict(self._data_state if self.prefetcher is not None else None),
                     torch_rng_states=torch_states, cuda_rng_states=cuda_states,
                     extra={"stage": self.stage, "seed": self.cfg.train.seed},
                 )
