@@ -151,7 +151,10 @@ def build_attention_bias(
     if allowed is None and extra_bias is None:
         return None
     neg = torch.finfo(dtype).min
-    bias = torch.zeros((), dtype=dtype) if allowed is None else torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)
+    if allowed is None:
+        bias = torch.zeros((), dtype=dtype, device=extra_bias.device)
+    else:
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, neg)
     if extra_bias is not None:
         bias = (bias + extra_bias.to(dtype)).clamp(min=neg)
     return bias
