@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import sys
 import tarfile
@@ -93,7 +94,7 @@ def run_stage(toml: str, stage: str, *, steps: int, time_limit: float, tiny: boo
         overrides.update({"train.batch_size": 16, "train.data_workers": 2, "train.log_every": 5,
                           "train.save_every": 10, "train.warmup_steps": 2})
     else:
-        overrides["train.data_workers"] = 14
+        overrides["train.data_workers"] = max(1, min(14, (os.cpu_count() or 2) - 2))  # 14 on the 16-core GPU machine
     cfg = load_config(WORK / toml, overrides)
     if tiny and cfg.model.config:
         cfg.model.config.update(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
