@@ -49,12 +49,17 @@ def rosim(*args, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-@pytest.mark.slow
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path):
+def _write_data(tmp_path: Path) -> None:
+    """p.jsonl (pairs) and g.jsonl (synonym groups), the two sources of CONFIG."""
     write_pairs(tmp_path / "p.jsonl", paraphrases())
     (tmp_path / "g.jsonl").write_text(
         "".join(json.dumps({"text": f"{p}怎么样？", "synonyms": [f"{p}好不好？", f"你觉得{p}如何？"]},
                            ensure_ascii=False) + "\n" for p in ("北京", "上海", "广州")), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path):
+    _write_data(tmp_path)
     for name in ("full", "killed"):
         (tmp_path / f"{name}.toml").write_text(CONFIG.format(out=name))
 
@@ -96,10 +101,7 @@ def test_prefetch_workers_and_time_limit_then_resume_match_plain_run(tmp_path: P
     """Batches built ahead in 2 worker processes are the batches of the plain loop; a run stopped by
     its time limit records the position of the last *consumed* batch, so resuming it (again with
     workers) ends with the plain run's weights, bit for bit."""
-    write_pairs(tmp_path / "p.jsonl", paraphrases())
-    (tmp_path / "g.jsonl").write_text(
-        "".join(json.dumps({"text": f"{p}怎么样？", "synonyms": [f"{p}好不好？", f"你觉得{p}如何？"]},
-                           ensure_ascii=False) + "\n" for p in ("北京", "上海", "广州")), encoding="utf-8")
+    _write_data(tmp_path)
     for name in ("plain", "workers"):
         (tmp_path / f"{name}.toml").write_text(CONFIG.format(out=name))
     plain = rosim("train", "stage1", "-c", "plain.toml", "-q", cwd=tmp_path)
