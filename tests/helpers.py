@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
@@ -28,3 +29,13 @@ def tiny_model(seed: int = 0, **kw) -> tuple[RoFormerSim, CharTokenizer]:
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     return RoFormerSim(tiny_config(len(tok), **kw)).eval(), tok
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Import into a conftest for tests of tiny models and matrices: with one intra-op thread, a busy
+    machine costs no OpenMP wake-up stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -706,7 +706,12 @@ class SupervisedTrainer:
 
     def _restore(self, directory: Path) -> None:
         from rosim.errors import CheckpointError
-        from rosim.training.trainer import _set_rng_state_json, load_training_state, restore_optimizer
+        from rosim.training.trainer import (
+            _set_rng_state_json,
+            load_training_state,
+            restore_optimizer,
+            trim_log,
+        )
 
         state, tensors = load_training_state(directory)
         if state.get("stage") != "supervised":
@@ -718,18 +723,7 @@ class SupervisedTrainer:
         if self.device.type == "cuda" and "rng.cuda.0" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda.0"], self.device)
         self.step = int(state["step"])
-        path = self.out_dir / "log.jsonl"
-        if path.is_file():  # drop log lines written after this checkpoint (they will be redone)
-            keep = []
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= self.step:
-                        keep.append(line)
-                except json.JSONDecodeError:
-                    continue
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(f"{x}\n" for x in keep), encoding="utf-8")
-            os.replace(tmp, path)
+        trim_log(self.out_dir / "log.jsonl", self.step)
         log.info("resumed from %s at step %d", directory, self.step)
 
     # ---------------------------------------------------------------- the loop

@@ -208,6 +208,22 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, state: dict, tensors: di
         raise CheckpointError(f"optimiser state does not match the model: {exc}") from None
 
 
+def trim_log(path: Path, step: int) -> None:
+    """Drop the lines of a ``log.jsonl`` written after ``step`` (a resumed run redoes them), atomically."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the kill
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{x}\n" for x in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     """Complete step checkpoints under ``out_dir/checkpoints``, oldest first."""
     root = out_dir / "checkpoints"
@@ -464,20 +480,8 @@ class Trainer:
             log.info("resumed from %s at step %d", directory, self.step)
 
     def _trim_log(self) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-        path = self.out_dir / "log.jsonl"
-        if self.rank != 0 or not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by the kill
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{x}\n" for x in keep), encoding="utf-8")
-        os.replace(tmp, path)
+        if self.rank == 0:
+            trim_log(self.out_dir / "log.jsonl", self.step)
 
     # ---------------------------------------------------------------- the loop
     def train(self) -> Path:

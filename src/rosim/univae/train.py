@@ -39,6 +39,7 @@ from rosim.training.trainer import (
     make_optimizer,
     restore_optimizer,
     save_training_state,
+    trim_log,
 )
 from rosim.univae.model import UniVAE
 
@@ -152,23 +153,8 @@ class VAETrainer:
         if self.device.type == "cuda" and "rng.cuda.0" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda.0"], self.device)
         self.step = int(state["step"])
-        self._trim_log()
+        trim_log(self.out_dir / "log.jsonl", self.step)
         log.info("resumed from %s at step %d", directory, self.step)
-
-    def _trim_log(self) -> None:
-        path = self.out_dir / "log.jsonl"
-        if not path.is_file():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= self.step:
-                    keep.append(line)
-            except json.JSONDecodeError:
-                continue
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(f"{x}\n" for x in keep), encoding="utf-8")
-        os.replace(tmp, path)
 
     def save(self) -> Path:
         from rosim.checkpoints.io import atomic_directory
