@@ -28,8 +28,8 @@ DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")]
 
 
 def _load(model: Path, device: str):
+    from rosim.training.trainer import resolve_device
     from rosim.univae import UniVAE
-    from rosim.univae.train import resolve_device
 
     return UniVAE.from_pretrained(model, device=resolve_device(device))
 

@@ -37,6 +37,7 @@ from rosim.training.trainer import (
     load_training_state,
     lr_factor,
     make_optimizer,
+    resolve_device,
     restore_optimizer,
     save_training_state,
     trim_log,
@@ -244,18 +245,6 @@ class VAETrainer:
         self.model.save_pretrained(final, metadata={"step": self.step})
         self.model.train()
         return final
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InputError(f"unknown device {name!r}: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but CUDA is not available")
-    return device
 
 
 def train_univae(texts: Sequence[str], out_dir: str | os.PathLike, cfg: VAETrainConfig | None = None,
