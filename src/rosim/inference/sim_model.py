@@ -119,13 +119,14 @@ class SimModel:
                convert_to: Literal["numpy", "torch"] = "numpy"):
         """Sentence vectors ``(n, H)`` (or ``(H,)`` for one string), in length-sorted batches.
 
-        ``pooling``: "pooler" (the trained RoFormer-Sim vector, P2), "cls" (last-layer [CLS], P1),
+        ``pooling``: "pooler" (the model's trained sentence vector: RoFormer-Sim's pooler, P2, or the
+        mean for models whose ``config.sentence_pooling`` is "mean"), "cls" (last-layer [CLS], P1),
         "mean" (last-layer mean, P3) or "first-last-mean" (mean of first and last layers, P4).
         """
         items, single = _check_texts(texts)
         if pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if pooling == "pooler" and self.model.pooler is None:
+        if pooling == "pooler" and not self.model.has_sentence_vector:
             raise InputError("this model has no pooler; use pooling='cls' or 'mean'")
         if batch_size <= 0:
             raise InputError(f"batch_size must be positive, got {batch_size}")

@@ -48,6 +48,9 @@ class RoFormerSimConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pooler_activation: Literal["linear", "tanh"] = "linear"
+    # the sentence vector (``pooled``): the pooler on [CLS] (RoFormer-Sim), or the mean over the
+    # segment-0 tokens of the last layer (E5; under the UniLM mask that is the source sentence alone)
+    sentence_pooling: Literal["pooler", "mean"] = "pooler"
     hidden_act: Literal["gelu", "gelu_tanh", "relu"] = "gelu"
     initializer_range: float = 0.02
     rotary_base: float = 10000.0
@@ -71,6 +74,8 @@ class RoFormerSimConfig:
             raise InputError(f"rotary positions need an even head size, got {self.head_size}")
         if self.pooler_activation not in ("linear", "tanh"):
             raise InputError(f"config.pooler_activation must be 'linear' or 'tanh', got {self.pooler_activation!r}")
+        if self.sentence_pooling not in ("pooler", "mean"):
+            raise InputError(f"config.sentence_pooling must be 'pooler' or 'mean', got {self.sentence_pooling!r}")
         if self.hidden_act not in ("gelu", "gelu_tanh", "relu"):
             raise InputError(f"config.hidden_act must be gelu, gelu_tanh or relu, got {self.hidden_act!r}")
         for name in ("hidden_dropout", "attention_dropout"):
@@ -281,7 +286,8 @@ class ModelOutput:
 class RoFormerSim(nn.Module):
     """RoFormer (or BERT) encoder + linear pooler + tied LM head.
 
-    ``forward`` returns hidden states (and the pooled [CLS] vector when the model has a pooler);
+    ``forward`` returns hidden states and the sentence vector ``pooled`` (the pooler on [CLS], or
+    the mean over segment 0 when ``config.sentence_pooling == "mean"``);
     ``lm_logits`` turns hidden states into next-token logits.
     """
 
@@ -307,6 +313,11 @@ class RoFormerSim(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.embeddings.word_embeddings.weight.device
+
+    @property
+    def has_sentence_vector(self) -> bool:
+        """Whether ``forward`` returns ``pooled`` (a pooler, or mean pooling by configuration)."""
+        return self.pooler is not None or self.config.sentence_pooling == "mean"
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -398,7 +409,13 @@ class RoFormerSim(nn.Module):
             if output_hidden_states:
                 hidden_states.append(x)
         pooled = None
-        if self.pooler is not None and past_length == 0:
+        if past_length == 0 and self.config.sentence_pooling == "mean":
+            keep = token_type_ids == 0
+            if attention_mask is not None:
+                keep = keep & attention_mask.bool()
+            keep = keep.unsqueeze(-1).to(x.dtype)
+            pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+        elif self.pooler is not None and past_length == 0:
             pooled = self.pooler(x[:, 0])
             if self.config.pooler_activation == "tanh":
                 pooled = torch.tanh(pooled)

@@ -651,7 +651,7 @@ class SupervisedTrainer:
                 set_dropout(self.model, cfg.model.dropout)
         else:
             self.model, self.tokenizer = build_model(TrainConfig(model=cfg.model))
-        if self.model.pooler is None:
+        if not self.model.has_sentence_vector:
             raise InputError("supervised training needs a model with a pooler")
         hidden = self.model.config.hidden_size
         self.head = (PairHead.load(self.resume_from / HEAD_FILE, hidden) if self.resume_from is not None

@@ -40,7 +40,7 @@ class RosimTeacher:
         from rosim.checkpoints.io import load_checkpoint
 
         self.model, self.tokenizer, _ = load_checkpoint(checkpoint, map_location=device)
-        if self.model.pooler is None:
+        if not self.model.has_sentence_vector:
             raise InputError(f"teacher checkpoint {checkpoint} has no pooler: it gives no sentence vectors")
         self.maxlen, self.batch_size, self.device = maxlen, batch_size, device
         self._torch = torch

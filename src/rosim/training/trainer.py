@@ -270,7 +270,7 @@ def build_model(cfg: TrainConfig) -> tuple[RoFormerSim, CharTokenizer]:
         if unknown:
             raise InputError(f"[model.config]: unknown keys {unknown}; allowed keys are {sorted(known)}")
         model = RoFormerSim(RoFormerSimConfig(**fields))
-    if model.pooler is None or model.lm_head is None:
+    if not model.has_sentence_vector or model.lm_head is None:
         raise InputError("training needs a model with a pooler and an LM head (with_pooler and with_lm_head true)")
     if m.dropout is not None:
         if not 0.0 <= m.dropout < 1.0:
