@@ -123,6 +123,50 @@ def test_similar_dedups_drops_input_and_ranks(sim, monkeypatch):
     assert len(batch) == 2 and all(len(r) == 1 for r in batch)
 
 
+def test_fluency_is_the_mean_target_log_probability(sim):
+    import torch.nn.functional as F
+
+    got = sim.fluency(["今天天气不错", "我喜欢北京"], ["天气很好", "我爱北京天安门"])
+    for i, (a, b) in enumerate([("今天天气不错", "天气很好"), ("我喜欢北京", "我爱北京天安门")]):
+        enc = sim.tokenizer([a], [b])
+        with torch.no_grad():
+            h = sim.model(enc.input_ids, enc.token_type_ids, enc.attention_mask, mask="unilm").last_hidden_state
+            logits = sim.model.lm_logits(h)[0]
+        n_src = int((enc.token_type_ids[0] == 0).sum())
+        targets = enc.input_ids[0, n_src:]
+        expected = -F.cross_entropy(logits[n_src - 1:-1], targets)
+        assert abs(got[i] - float(expected)) < 1e-5
+    with pytest.raises(InputError, match="as many sources"):
+        sim.fluency(["a"], ["b", "c"])
+
+
+def test_repetition_detector():
+    from rosim.inference.sim_model import repeats_more_than_source as rep
+
+    assert rep("广州和深圳哪个好？", "广州哪个广州和深圳最好？")
+    assert rep("广州和深圳哪个好？", "深圳和深圳哪个好？")
+    assert not rep("广州和深圳哪个好？", "深圳和广州哪个好？")
+    assert not rep("广州和深圳哪个好？", "广州好还是深圳好？")
+    assert not rep("谢谢谢谢", "谢谢谢谢")  # as often as in the input
+    assert not rep("天天向上", "每天都向上")
+
+
+def test_fluency_guard_ranks_failing_candidates_last(sim, monkeypatch):
+    outs = [["今天天气很好", "今天天气今天天气", "天气不错", "晴天"]]
+    monkeypatch.setattr(sim, "generate", lambda items, n, **kw: outs * len(items))
+    off = [t for t, _ in sim.similar("今天天气不错", n=4, k=4, min_fluency=None)]
+    scores = dict(zip(outs[0], sim.fluency(["今天天气不错"] * 4, outs[0]), strict=True))
+    threshold = sorted(scores.values())[1]  # the lowest-scoring candidate fails, the others pass
+    on = [t for t, _ in sim.similar("今天天气不错", n=4, k=4, min_fluency=threshold)]
+    failing = {t for t, f in scores.items() if f < threshold} | {"今天天气今天天气"}
+    assert set(on) == set(off)
+    assert set(on[-len(failing):]) == failing  # failing ones last
+    passing = [t for t in off if t not in failing]
+    assert on[:len(passing)] == passing  # the rest keep their cosine order
+    loose = [t for t, _ in sim.similar("今天天气不错", n=4, k=4, min_fluency=-1e9)]
+    assert loose[-1] == "今天天气今天天气"  # a repetition fails whatever the log-probability
+
+
 def test_mask_idxs_replaces_source_positions(sim):
     src = sim._prepare_sources(["科学技术是第一生产力。"], [6, 7])[0]
     assert src[6] == src[7] == sim.tokenizer.mask_id

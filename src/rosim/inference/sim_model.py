@@ -15,6 +15,24 @@ from rosim.inference.sampling import check_sampling_args, filter_logits, sample
 from rosim.modeling.model import RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
 
+DEFAULT_MIN_FLUENCY: float | None = -1.5  # nats per token; chosen on a panel (benchmarks/fluency_guard.py)
+
+
+def repeats_more_than_source(source: str, candidate: str) -> bool:
+    """True when a two-character word-ish unit occurs at least twice in ``candidate`` and more
+    often than in ``source`` ("广州哪个广州和深圳最好" for "广州和深圳哪个好"): the degenerate
+    repetition that a generator assigns high probability to, so its own log-probability misses it.
+    """
+    def counts(text: str) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for a, b in zip(text, text[1:], strict=False):
+            if a.isalnum() and b.isalnum():
+                out[a + b] = out.get(a + b, 0) + 1
+        return out
+
+    src = counts(source.lower())
+    return any(c >= 2 and c > src.get(g, 0) for g, c in counts(candidate.lower()).items())
+
 Pooling = Literal["pooler", "cls", "mean", "first-last-mean"]
 POOLINGS = ("pooler", "cls", "mean", "first-last-mean")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
@@ -280,13 +298,43 @@ class SimModel:
                 break
         return out
 
+    @torch.no_grad()
+    def fluency(self, sources: Sequence[str], targets: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Mean log-probability per target token (the final [SEP] included) under the generator:
+        ``(1/T) Σ_t log p(y_t | source, y_<t)`` with the UniLM mask, teacher-forced, one value per pair.
+
+        A fluent paraphrase scores near the generator's typical token entropy; broken text (repeated
+        names, wrong words) contains tokens the model itself finds unlikely and scores lower.
+        """
+        if len(sources) != len(targets):
+            raise InputError(f"fluency needs as many sources as targets, got {len(sources)} and {len(targets)}")
+        if self.model.lm_head is None:
+            raise InputError("this model has no LM head (config.with_lm_head=False): it cannot score text")
+        tok, out = self.tokenizer, np.empty(len(targets), dtype=np.float64)
+        src_ids, tgt_ids = tok.encode_batch_ids(list(sources)), tok.encode_batch_ids(list(targets))
+        for s in range(0, len(targets), batch_size):
+            rows = [tok.build_inputs(a, b, 2 * self.max_length) for a, b in
+                    zip(src_ids[s:s + batch_size], tgt_ids[s:s + batch_size], strict=True)]
+            enc = tok.pad(rows).to(self.device)
+            hidden = self.model(enc.input_ids, enc.token_type_ids, enc.attention_mask, mask="unilm").last_hidden_state
+            logp = torch.log_softmax(self.model.lm_logits(hidden[:, :-1]).float(), dim=-1)
+            picked = logp.gather(-1, enc.input_ids[:, 1:, None]).squeeze(-1)
+            target = (enc.token_type_ids[:, 1:].bool() & enc.attention_mask[:, 1:].bool()).float()
+            out[s:s + len(rows)] = ((picked * target).sum(1) / target.sum(1)).cpu().numpy()
+        return out
+
     # ------------------------------------------------------------------ generate then rank
     def similar(self, text: str | Sequence[str], n: int = 100, k: int = 20, *, top_p: float | None = 0.95,
                 top_k: int | None = None, temperature: float = 1.0, max_length: int = 64,
                 mask_idxs: Sequence[int] | None = None, seed: int | None = None,
-                batch_size: int = 128):
+                batch_size: int = 128, min_fluency: float | None = DEFAULT_MIN_FLUENCY):
         """Generate ``n`` candidates, de-duplicate, drop copies of the input, rank by cosine, keep ``k``.
 
+        Fluency guard: candidates whose mean per-token log-probability under the generator
+        (:meth:`fluency`) is below ``min_fluency``, or that repeat a two-character unit more often
+        than the input does (:func:`repeats_more_than_source`), are ranked after every candidate
+        that passes, so they only fill places that no passing candidate can (``None`` turns the
+        guard off).
         Returns ``[(text, score), ...]`` for one text, a list of such lists for several texts.
         Fewer than ``k`` results come back when fewer distinct candidates were generated.
         """
@@ -309,13 +357,19 @@ class SimModel:
             candidates.append(keep)
         flat = [t for c in candidates for t in c]
         vecs = self.encode(items + flat, batch_size=batch_size) if flat else None
+        passes = np.ones(len(flat), dtype=bool)
+        if flat and min_fluency is not None:
+            sources = [src for src, cands in zip(items, candidates, strict=True) for _ in cands]
+            passes = self.fluency(sources, flat, batch_size=batch_size) >= min_fluency
+            passes &= np.array([not repeats_more_than_source(a, b) for a, b in zip(sources, flat, strict=True)])
         results, offset = [], len(items)
         for i, cands in enumerate(candidates):
             if not cands:
                 results.append([])
                 continue
             scores = vecs[offset:offset + len(cands)] @ vecs[i]
+            ok = passes[offset - len(items):offset - len(items) + len(cands)]
             offset += len(cands)
-            order = np.argsort(-scores, kind="stable")[:k]
+            order = np.lexsort((-scores, ~ok))[:k]  # fluent first, then by cosine
             results.append([(cands[j], float(scores[j])) for j in order])
         return results[0] if single else results
