@@ -87,9 +87,10 @@ def test_cached_and_recompute_generate_identical_samples(sim):
 
 def test_nucleus_keeps_tokens_up_to_and_including_the_crossing_one():
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    logp = filter_logits(probs.log(), top_p=0.8)
+    logp = filter_logits(probs.log(), top_p=0.79)
     kept = torch.isfinite(logp)[0].tolist()
-    assert kept == [True, True, False, False]  # 0.5 < 0.8, 0.5+0.3 crosses: kept
+    assert kept == [True, True, False, False]  # 0.5 < 0.79, 0.5+0.3 crosses: kept
+    # (0.8 itself is no boundary test here: 0.3 has no exact float, see the dyadic cases below)
     logp = filter_logits(probs.log(), top_p=0.81)
     assert torch.isfinite(logp)[0].tolist() == [True, True, True, False]
     logp = filter_logits(probs.log(), top_p=0.4)
@@ -99,6 +100,53 @@ def test_nucleus_keeps_tokens_up_to_and_including_the_crossing_one():
     assert torch.allclose(topk.exp(), torch.tensor([[0.625, 0.375, 0, 0]]))
     hot = filter_logits(probs.log(), temperature=0.5).exp()
     assert torch.allclose(hot, probs**2 / (probs**2).sum())
+
+
+def _nucleus_reference(probs: torch.Tensor, top_p: float) -> list[bool]:
+    """Exact arithmetic (fractions) on the same float32 probabilities: keep tokens, most probable
+    first, while the mass before them is below p (ties keep sort order)."""
+    from fractions import Fraction
+
+    values = probs.tolist()
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    keep, before, p = [False] * len(values), Fraction(0), Fraction(top_p)
+    for i in order:
+        if before >= p:
+            break
+        keep[i] = True
+        before += Fraction(values[i])
+    return keep
+
+
+@pytest.mark.parametrize("probs, top_p, n_kept", [
+    ([0.5, 0.25, 0.25], 0.5, 1), ([0.5, 0.25, 0.25], 0.75, 2), ([0.5, 0.25, 0.125, 0.125], 0.875, 3),
+    ([0.25, 0.25, 0.25, 0.25], 0.5, 2), ([0.5, 0.25, 0.125, 0.0625, 0.0625], 0.9375, 4),
+])
+def test_nucleus_is_exact_at_dyadic_boundaries(probs, top_p, n_kept):
+    logits = torch.tensor([probs]).log()
+    kept = torch.isfinite(filter_logits(logits, top_p=top_p))[0]
+    assert int(kept.sum()) == n_kept
+    assert kept.tolist() == _nucleus_reference(torch.log_softmax(logits, -1).exp()[0], top_p)
+
+
+def test_nucleus_mass_is_exact_over_long_tails():
+    # 0.5, 0.25, then 2^16 tokens of 2^-18: with p = 0.75 + 2^-18 the mass before the 4th token is
+    # 0.75 + 2^-18 = p, so exactly 4 tokens stay; a float32 running sum (and "cumsum - p") drifts
+    # over the long tail and kept 3 (the decoder before this test).
+    probs = torch.tensor([[0.5, 0.25] + [2.0**-18] * 2**16])
+    top_p = 0.75 + 2.0**-18
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=top_p))[0]
+    assert int(kept.sum()) == 4
+    assert kept.tolist() == _nucleus_reference(torch.log_softmax(probs.log(), -1).exp()[0], top_p)
+
+
+def test_nucleus_matches_exact_reference_on_random_distributions():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(600):
+        logits = torch.randn(1, 40, generator=g) * (1 + trial % 4)
+        top_p = (0.9, 0.95, 0.5)[trial % 3]
+        kept = torch.isfinite(filter_logits(logits, top_p=top_p))[0].tolist()
+        assert kept == _nucleus_reference(torch.log_softmax(logits, -1).exp()[0], top_p), trial
 
 
 def test_sampling_frequencies_follow_the_distribution():

@@ -29,10 +29,13 @@ def filter_logits(logits: torch.Tensor, *, top_p: float | None = None, top_k: in
         logp = logp.masked_fill(logp < kth, float("-inf"))
         logp = torch.log_softmax(logp, dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_logp, order = torch.sort(logp, dim=-1, descending=True)
-        cum = sorted_logp.exp().cumsum(dim=-1)
-        # drop a token when the mass *before* it already reaches p
-        drop_sorted = (cum - sorted_logp.exp()) >= top_p
+        sorted_logp, order = torch.sort(logp, dim=-1, descending=True, stable=True)  # ties: lower id first
+        # drop a token when the mass *before* it already reaches p. That mass is an exclusive
+        # cumulative sum in float64 of the float32 probabilities (exact for them in practice), never
+        # "cumsum - p", whose rounding can put a mass of exactly p just below p and keep a token more.
+        mass = sorted_logp.exp().double().cumsum(dim=-1)
+        before = torch.cat([torch.zeros_like(mass[..., :1]), mass[..., :-1]], dim=-1)
+        drop_sorted = before >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = torch.log_softmax(logp.masked_fill(drop, float("-inf")), dim=-1)
     return logp
