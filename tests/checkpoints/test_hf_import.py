@@ -78,9 +78,13 @@ def test_hf_bert_import_matches_transformers(tmp_path):
     cfg = transformers.BertConfig(vocab_size=len(tok), **SIZES)
     hf = transformers.BertForPreTraining(cfg).eval()
     d = write_hf_dir(tmp_path / "bert", hf.state_dict(), cfg.to_dict(), tok, fmt="bin")
-    model, tok2, report = import_hf(d, variant="bert")
+    # transformers' BertModel applies tanh in its pooler: ask for it to compare (SimBERT's default is linear)
+    model, tok2, report = import_hf(d, variant="bert", pooler_activation="tanh")
     assert report.ignored == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]  # NSP: said, not silent
     assert model.config.position == "absolute" and model.config.pooler_activation == "tanh"
+    assert "pooler activation: tanh (asked for)" in str(report)
+    default, _, report = import_hf(d, variant="bert")
+    assert default.config.pooler_activation == "linear" and "with_pool='linear'" in str(report)
     ids, types, mask = _inputs(tok2)
     with torch.no_grad():
         ours = model(ids, types, mask)
@@ -97,7 +101,7 @@ def test_bare_bert_model_without_prefix(tmp_path):
     cfg = transformers.BertConfig(vocab_size=len(tok), **SIZES)
     hf = transformers.BertModel(cfg).eval()  # keys without "bert."; no MLM head
     d = write_hf_dir(tmp_path / "bert", hf.state_dict(), cfg.to_dict(), tok, fmt="safetensors")
-    model, _, report = import_hf(d, variant="bert")
+    model, _, report = import_hf(d, variant="bert", pooler_activation="tanh")  # BertModel: tanh
     assert model.lm_head is None and "no MLM head" in str(report)
     ids, types, mask = _inputs(tok)
     with torch.no_grad():

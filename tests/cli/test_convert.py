@@ -141,3 +141,80 @@ def test_imported_and_converted_models_agree(tmp_path):
     loaded, _, _ = load_checkpoint(tmp_path / "out")
     assert _same_outputs(direct, loaded, tok)
     assert set(bert4keras_arrays(loaded)) == set(bert4keras_arrays(direct))
+
+
+# ------------------------------------------------------------------ format detection (--from auto)
+def _bert_dir(path: Path, model, tok, *, config_name="config.json") -> Path:
+    names = rosim_to_hf_names(model.config, "bert")
+    c = model.config
+    config = {"vocab_size": c.vocab_size, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_layers,
+              "num_attention_heads": c.num_heads, "intermediate_size": c.intermediate_size,
+              "max_position_embeddings": c.max_position, "hidden_act": "gelu", "type_vocab_size": 2}
+    d = write_hf_dir(path, {names[k]: v for k, v in model.state_dict().items()}, config, tok, fmt="safetensors")
+    if config_name != "config.json":
+        (d / "config.json").rename(d / config_name)
+    return d
+
+
+def test_auto_detects_every_importable_format(tmp_path, capsys):
+    model, tok = tiny_model(seed=8)
+    bert, btok = tiny_model(seed=9, position="absolute")
+    cases = {
+        "hf": _hf_dir(tmp_path / "hf", model, tok),
+        "bert": _bert_dir(tmp_path / "bert", bert, btok),
+        "bert4keras": write_bert4keras_dir(tmp_path / "b4k", model, tok),
+    }
+    for fmt, src in cases.items():
+        out = tmp_path / f"out-{fmt}"
+        assert main(["convert", str(src), str(out)]) == 0, capsys.readouterr().err
+        assert f"detected: {fmt} (" in capsys.readouterr().out
+        loaded, _, _ = load_checkpoint(out)
+        assert _same_outputs(bert if fmt == "bert" else model, loaded, tok)
+    # an explicit --from that contradicts the files names what is there
+    assert main(["convert", str(cases["bert"]), str(tmp_path / "x"), "--from", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "--from hf does not match" in err and "use --from bert" in err and len(err.splitlines()) == 1
+    assert main(["convert", str(cases["hf"]), str(tmp_path / "x"), "--from", "bert4keras"]) == 2
+    assert "use --from hf" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "out-hf"), str(tmp_path / "x")]) == 2
+    assert "already a rosim checkpoint" in capsys.readouterr().err
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    assert main(["convert", str(tmp_path / "junk"), str(tmp_path / "x")]) == 2
+    assert "no checkpoint found" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bert4torch_config_and_simbert_linear_pooler(tmp_path, capsys):
+    bert, tok = tiny_model(seed=9, position="absolute")
+    src = _bert_dir(tmp_path / "b4t", bert, tok, config_name="bert4torch_config.json")
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "config read from bert4torch_config.json" in out and "with_pool='linear'" in out
+    loaded, _, _ = load_checkpoint(tmp_path / "out")
+    assert loaded.config.pooler_activation == "linear" and _same_outputs(bert, loaded, tok)
+    assert main(["info", str(tmp_path / "out")]) == 0  # the report stays with the checkpoint
+    assert "converted from bert:" in capsys.readouterr().out
+
+
+def test_roformer_v2_and_keras_save_weights_are_named(tmp_path, capsys):
+    import json
+
+    model, tok = tiny_model(seed=8)
+    src = _hf_dir(tmp_path / "v2", model, tok)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "norm_type": "rms_norm", "use_bias": False}))
+    assert main(["convert", str(src), str(tmp_path / "x")]) == 2
+    assert "RoFormer v2 (no biases, RMS-style norm) is not supported" in capsys.readouterr().err
+    from tests.checkpoints.fixtures import write_bundle
+
+    (tmp_path / "keras").mkdir()
+    write_bundle(tmp_path / "keras" / "best_model.weights",
+                 {"layer_with_weights-0/embeddings/.ATTRIBUTES/VARIABLE_VALUE": torch.zeros(4, 2).numpy()})
+    assert main(["convert", str(tmp_path / "keras"), str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "Keras model.save_weights" in err and "save_weights_as_checkpoint" in err
+    (tmp_path / "w.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    assert main(["convert", str(tmp_path / "w.h5"), str(tmp_path / "x")]) == 2
+    assert "Keras HDF5" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -123,6 +123,9 @@ def import_bert4keras(
         raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    from rosim.checkpoints.detect import refuse_roformer_v2
+
+    refuse_roformer_v2(cfg_path, data)
     if data.get("embedding_size", data.get("hidden_size")) != data.get("hidden_size"):
         raise CheckpointError(f"{cfg_path}: embedding_size != hidden_size (Embedding-Mapping) is not supported")
 
@@ -167,7 +170,7 @@ def import_bert4keras(
     if unexpected:
         hint = ""
         if "bert/embeddings/position_embeddings" in unexpected:
-            hint = " (a position table means a BERT checkpoint: use model='bert')"
+            hint = " (a position table means a BERT checkpoint: use model='bert'; CLI: --model bert)"
         raise CheckpointError(f"{source}: unexpected variables {unexpected}{hint}")
     ignored = [n for n in ckpt.names() if n not in wanted]
 

@@ -9,7 +9,6 @@ The name tables below are the whole mapping; nothing is renamed anywhere else.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -65,8 +64,29 @@ def rosim_to_hf_names(config: RoFormerSimConfig, prefix: str) -> dict[str, str]:
     return out
 
 
-def config_from_hf(data: dict, *, variant: str) -> RoFormerSimConfig:
-    """Translate an HF ``config.json`` (RoFormer or BERT) into a rosim config."""
+def config_from_hf(data: dict, *, variant: str, notes: list[str] | None = None) -> RoFormerSimConfig:
+    """Translate an HF ``config.json`` (RoFormer or BERT) into a rosim config.
+
+    The pooler activation is not a standard HF key: RoFormer-Sim's pooler is linear (bert4keras
+    ``with_pool='linear'``) whatever the config says, and SimBERT v1's is linear too unless the
+    config names one (HF BERT configs carry no ``pooler_activation``; ``BertModel`` applies tanh).
+    Every such choice is appended to ``notes``.
+    """
+    notes = [] if notes is None else notes
+    stated = data.get("pooler_activation")
+    if variant == "roformer":
+        pooler = "linear"
+        if stated not in (None, "linear"):
+            notes.append(f"config says pooler_activation={stated!r}; RoFormer-Sim's pooler is linear "
+                         "(with_pool='linear'), so linear is used")
+    elif stated in ("linear", "tanh"):
+        pooler = stated
+    elif stated is None:
+        pooler = "linear"
+        notes.append("pooler activation: linear (SimBERT v1 was trained with with_pool='linear'; the config names "
+                     "none). For a plain BERT whose pooler is tanh, pass --pooler-activation tanh")
+    else:
+        raise CheckpointError(f"unsupported pooler_activation {stated!r} (linear or tanh)")
     try:
         if variant == "roformer" and data.get("embedding_size", data["hidden_size"]) != data["hidden_size"]:
             raise CheckpointError("embedding_size != hidden_size (a projected embedding) is not supported")
@@ -89,7 +109,7 @@ def config_from_hf(data: dict, *, variant: str) -> RoFormerSimConfig:
             position="rotary" if variant == "roformer" else "absolute",
             type_vocab_size=data.get("type_vocab_size", 2),
             layer_norm_eps=data.get("layer_norm_eps", 1e-12),
-            pooler_activation="linear" if variant == "roformer" else data.get("pooler_activation", "tanh"),
+            pooler_activation=pooler,
             hidden_act=act,
         )
     except KeyError as exc:
@@ -143,26 +163,28 @@ def convert_hf_state(
 
 
 def import_hf(
-    directory: str | os.PathLike, *, variant: str = "roformer", allow_missing=()
+    directory: str | os.PathLike, *, variant: str = "roformer", allow_missing=(), pooler_activation: str | None = None
 ) -> tuple[RoFormerSim, CharTokenizer, LoadReport]:
-    """Import an HF-format directory (``config.json``, weights, ``vocab.txt``)."""
+    """Import an HF-format directory (``config.json`` or bert4torch's ``bert4torch_config.json``,
+    weights, ``vocab.txt``). ``pooler_activation`` overrides the default (see :func:`config_from_hf`)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"HF checkpoint directory not found: {directory}")
     if variant not in ("roformer", "bert"):
         raise CheckpointError(f"variant must be 'roformer' or 'bert', got {variant!r}")
-    cfg_path = directory / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{directory}: config.json not found")
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    from rosim.checkpoints.detect import read_hf_config, refuse_roformer_v2
+
+    cfg_path, data = read_hf_config(directory)
+    refuse_roformer_v2(cfg_path, data)
     state = _read_hf_weights(directory)
+    notes: list[str] = []
     try:
-        config = config_from_hf(data, variant=variant)
+        config = config_from_hf(data, variant=variant, notes=notes)
+        if pooler_activation is not None:
+            if pooler_activation != config.pooler_activation:
+                notes.append(f"pooler activation: {pooler_activation} (asked for)")
+            config.pooler_activation = pooler_activation
+            config.__post_init__()
     except InputError as exc:  # includes CheckpointError
         raise CheckpointError(f"{cfg_path}: {exc}") from None
     has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
@@ -182,6 +204,9 @@ def import_hf(
     if len(tokenizer) != config.vocab_size:
         raise CheckpointError(f"{directory}: vocab.txt has {len(tokenizer)} tokens, config says {config.vocab_size}")
     model, report = convert_hf_state(state, config, prefix=variant, allow_missing=allow_missing, source=str(directory))
+    report.notes.extend(notes)
+    if cfg_path.name != "config.json":
+        report.notes.append(f"config read from {cfg_path.name}")
     if not has_lm:
         report.notes.append("the checkpoint has no MLM head (cls.predictions.*): the model cannot generate")
     return model.eval(), tokenizer, report

