@@ -87,6 +87,24 @@ def test_truncated_and_corrupt_safetensors(saved):
         load_checkpoint(saved)
 
 
+def test_flipped_bytes_and_nan_weights_are_errors(saved):
+    path = saved / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    good = bytes(data)
+    for i in range(len(data) - 4096, len(data) - 1024, 7):  # flip bytes inside the tensor data
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="do not match the checksum"):
+        load_checkpoint(saved)
+    path.write_bytes(good)
+    load_checkpoint(saved)
+    state = load_file(str(path))
+    state["layers.1.intermediate.weight"][0, 0] = float("nan")
+    save_file(state, str(path))  # written by another tool: no checksum, but NaN is still caught
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values \['layers.1.intermediate.weight'\]"):
+        load_checkpoint(saved)
+
+
 def test_config_that_does_not_match_the_tensors(saved):
     cfg = json.loads((saved / "config.json").read_text())
     cfg["intermediate_size"] = 48

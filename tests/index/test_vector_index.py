@@ -135,6 +135,33 @@ def test_model_mismatch_is_refused(sim, tmp_path):
     assert VectorIndex.load(tmp_path / "idx", renamed).ntotal == len(SENTENCES)
 
 
+def test_a_change_deep_inside_the_encoder_is_refused(sim, tmp_path):
+    """The identity hashes every weight: a model that differs only in one middle-layer tensor (the
+    old fingerprint looked at the pooler and word embeddings only) is another model."""
+    import copy
+
+    import torch
+
+    index = VectorIndex.build(sim, SENTENCES, show_progress_bar=False)
+    index.save(tmp_path / "idx")
+    model = copy.deepcopy(sim.model)
+    with torch.no_grad():
+        model.layers[1].intermediate.weight[3, 5] += 1e-3
+    other = SimModel(model, sim.tokenizer, name=sim.name)
+    assert other.identity()["fingerprint"] == sim.identity()["fingerprint"]
+    with pytest.raises(InputError, match="weights"):
+        VectorIndex.load(tmp_path / "idx", other)
+    # the identity follows in-place changes of the same model object
+    before = sim.identity()["weights"]
+    with torch.no_grad():
+        sim.model.layers[0].ffn_output.bias[0] += 1.0
+    try:
+        assert sim.identity()["weights"] != before
+    finally:
+        with torch.no_grad():
+            sim.model.layers[0].ffn_output.bias[0] -= 1.0
+
+
 @pytest.fixture
 def saved(tmp_path):
     index = VectorIndex(24, kind="exact")

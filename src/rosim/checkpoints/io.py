@@ -108,6 +108,30 @@ def load_state_strict(
     return LoadReport(missing=missing, ignored=unexpected)
 
 
+def weights_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    Stored in a checkpoint's safetensors metadata (``weights_sha256``) and checked at load, so flipped
+    bytes in the file are an error rather than garbage vectors; also the model's identity for indexes.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def check_finite(state: Mapping[str, torch.Tensor], source: str) -> None:
+    """A checkpoint whose weights hold NaN or infinity is corrupt: name the tensors."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{source}: tensors with NaN or infinite values {bad[:5]}{' …' if len(bad) > 5 else ''}: "
+                              "the checkpoint is corrupt")
+
+
 def build_model(
     config: RoFormerSimConfig,
     state: Mapping[str, torch.Tensor],
@@ -145,7 +169,8 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_directory(directory) as tmp:
         (tmp / CONFIG_NAME).write_text(model.config.to_json(), encoding="utf-8")
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "rosim": json.dumps(metadata or {})})
+        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "rosim": json.dumps(metadata or {}),
+                                                            "weights_sha256": weights_digest(state)})
         tokenizer.save(tmp / VOCAB_NAME)
     return Path(directory)
 
@@ -168,18 +193,24 @@ def read_config(directory: str | os.PathLike) -> RoFormerSimConfig:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a truncated or corrupt file raises a CheckpointError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_safetensors(path: str | os.PathLike, *, verify: bool = True) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a truncated or corrupt file raises a CheckpointError, and so do
+    weights that no longer match the ``weights_sha256`` that rosim stored when it wrote them."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            recorded = (f.metadata() or {}).get("weights_sha256")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is truncated or corrupt (not a valid safetensors file): {exc}") from None
+    if verify and recorded and weights_digest(state) != recorded:
+        raise CheckpointError(f"{path}: the weights do not match the checksum stored with them: the file is "
+                              "corrupt (restore it from a copy or convert/train it again)")
+    return state
 
 
 def load_checkpoint(
@@ -204,6 +235,7 @@ def load_checkpoint(
             f"{directory}: vocab.txt has {len(tokenizer)} tokens but config.json says vocab_size={config.vocab_size}"
         )
     state = read_safetensors(directory / WEIGHTS_NAME)
+    check_finite(state, str(directory / WEIGHTS_NAME))
     model, report = build_model(config, state, allow_missing=allow_missing, source=str(directory / WEIGHTS_NAME))
     model.to(map_location).eval()
     return model, tokenizer, report

@@ -41,7 +41,7 @@ from rosim.errors import DataError, InputError
 FORMAT, FORMAT_VERSION = "rosim-index", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.faiss", "texts.jsonl"
 KINDS = ("exact", "ivf", "hnsw")
-IDENTITY_KEYS = ("fingerprint", "dim", "max_length")  # what must match; the name (a path) may differ
+IDENTITY_KEYS = ("weights", "fingerprint", "dim", "max_length")  # what must match; the name (a path) may differ
 
 
 class Hit(NamedTuple):

@@ -113,15 +113,27 @@ class SimModel:
         return self.model.device
 
     def identity(self) -> dict:
-        """What identifies the encoder (stored beside indexes so a different model is refused)."""
+        """What identifies the encoder (stored beside indexes so a different model is refused).
+
+        ``weights`` hashes every tensor (:func:`~rosim.checkpoints.io.weights_digest`, ~0.1 s for a
+        small model, computed once); ``fingerprint`` is the older, partial hash, kept so that indexes
+        built before ``weights`` existed are still checked.
+        """
         import hashlib
 
-        h = hashlib.sha256()
-        for k, v in sorted(self.model.state_dict().items()):
-            if k.startswith(("pooler", "embeddings.word")):
-                h.update(k.encode())
-                h.update(v.detach().cpu().float().numpy().tobytes()[:65536])
-        return {"name": self.name, "fingerprint": h.hexdigest()[:16], "dim": self.model.config.hidden_size,
+        from rosim.checkpoints.io import weights_digest
+
+        state = self.model.state_dict()
+        key = tuple((k, v.data_ptr(), v._version) for k, v in state.items())  # changes when weights do
+        if getattr(self, "_identity_key", None) != key:
+            h = hashlib.sha256()
+            for k, v in sorted(state.items()):
+                if k.startswith(("pooler", "embeddings.word")):
+                    h.update(k.encode())
+                    h.update(v.detach().cpu().float().numpy().tobytes()[:65536])
+            self._identity = {"fingerprint": h.hexdigest()[:16], "weights": weights_digest(state)[:32]}
+            self._identity_key = key
+        return {"name": self.name, **self._identity, "dim": self.model.config.hidden_size,
                 "max_length": self.max_length}
 
     # ------------------------------------------------------------------ encoding
