@@ -76,6 +76,57 @@ def test_cached_logits_equal_recompute_at_every_step(sim):
     assert (torch.cat(cached) - ref).abs().max() < 1e-5
 
 
+def test_preallocated_cache_equals_recompute_and_drops_rows(sim):
+    from rosim.modeling.model import KVCache
+
+    model, tok = sim.model, sim.tokenizer
+    srcs = [tok.build_inputs(tok.encode_ids(t))[0] for t in ("今天天气不错", "广州和深圳哪个好？")]
+    target = tok.encode_ids("我喜欢北京的秋天")
+    enc = tok.pad([(s_, [0] * len(s_)) for s_ in srcs])
+    width = enc.input_ids.shape[1]
+    with torch.no_grad():
+        res = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, use_cache=True)
+        cache = KVCache(res.past_key_values, capacity=width + len(target))
+        mask = torch.ones(2, width + len(target), dtype=torch.long)
+        mask[:, :width] = enc.attention_mask
+        rows = torch.arange(2)
+        for t, token in enumerate(target):
+            if t == 3:  # row 0 finishes: it leaves the batch and the cache
+                rows, mask = rows[1:], mask[1:]
+                cache.select(torch.tensor([1]))
+            pos = torch.tensor([len(srcs[r]) + t for r in rows.tolist()])[:, None]
+            step = model(torch.full((len(rows), 1), token), torch.ones(len(rows), 1, dtype=torch.long),
+                         mask[:, :width + t + 1], position_ids=pos, past_key_values=cache, use_cache=True,
+                         validate=False)
+            assert step.past_key_values is cache and cache.length == width + t + 1
+        got = model.lm_logits(step.last_hidden_state[:, -1])
+        full_ids = torch.tensor([srcs[1] + target])
+        types = torch.tensor([[0] * len(srcs[1]) + [1] * len(target)])
+        ref = model.lm_logits(model(full_ids, types, mask="unilm").last_hidden_state[:, -1])
+    assert (got - ref).abs().max() < 1e-5
+    with pytest.raises(InputError, match="does not fit"):
+        model(torch.tensor([[5]]), torch.ones(1, 1, dtype=torch.long), past_key_values=cache, use_cache=True)
+
+
+def test_sample_top_p_matches_the_sort_based_sampler():
+    """The partial-top-k nucleus sampler draws from exactly the nucleus of the reference (every
+    token inside it) and, with the same generator state, the same token (up to last-bit ties)."""
+    from rosim.inference.sampling import sample_top_p
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(300, 500, generator=g) * s for s in (0.5, 2.0, 5.0, 12.0)])  # flat..peaked
+    logits[:50] = 0.0  # uniform rows: the nucleus is far wider than the candidates (fall-back path)
+    for top_p in (0.5, 0.9, 0.95):
+        ref_logp = filter_logits(logits, top_p=top_p)
+        ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        fast = sample_top_p(logits, top_p, generator=ga)
+        ref = sample(ref_logp, gb)
+        inside = torch.isfinite(ref_logp.gather(-1, fast[:, None])).squeeze(-1)
+        assert bool(inside.all())
+        assert float((fast == ref).float().mean()) > 0.995
+        assert torch.equal(ga.get_state(), gb.get_state())  # same draws consumed
+
+
 def test_cached_and_recompute_generate_identical_samples(sim):
     texts = ["今天天气不错", "广州和深圳哪个好？"]
     a = sim.generate(texts, 6, seed=11, max_length=12, top_p=0.9)

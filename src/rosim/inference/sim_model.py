@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from rosim.errors import CheckpointError, InputError
-from rosim.inference.sampling import check_sampling_args, filter_logits, sample
-from rosim.modeling.model import RoFormerSim
+from rosim.inference.sampling import check_sampling_args, filter_logits, sample, sample_top_p
+from rosim.modeling.model import KVCache, RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
 
 DEFAULT_MIN_FLUENCY: float | None = -1.5  # nats per token; chosen on a panel (benchmarks/fluency_guard.py)
@@ -250,11 +250,12 @@ class SimModel:
         total = len(src) * n
         out: list[list[int]] = [[] for _ in range(total)]
 
-        def pick(logits, active_rows):
+        def pick(logits):
             logits = logits.float()
             logits[:, banned] = float("-inf")
-            nxt = sample(filter_logits(logits, top_p=top_p, top_k=top_k, temperature=temperature), generator)
-            return nxt
+            if top_p is not None and top_k is None:  # the common case: no full-vocabulary sort
+                return sample_top_p(logits, top_p, temperature=temperature, generator=generator)
+            return sample(filter_logits(logits, top_p=top_p, top_k=top_k, temperature=temperature), generator)
 
         if strategy == "recompute":
             return self._generate_recompute(src, n, max_new, pick, out)
@@ -265,28 +266,34 @@ class SimModel:
         res = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, use_cache=True)
         last = res.last_hidden_state[torch.arange(len(src), device=device), enc.attention_mask.sum(1) - 1]
         logits = model.lm_logits(last).repeat_interleave(n, dim=0)
-        past = tuple((k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in res.past_key_values)
-        key_mask = enc.attention_mask.repeat_interleave(n, dim=0)
+        width = enc.input_ids.shape[1]
+        cache = KVCache(tuple((k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in res.past_key_values),
+                        capacity=width + max_new)
+        key_mask = torch.ones(total, width + max_new, dtype=torch.long, device=device)
+        key_mask[:, :width] = enc.attention_mask.repeat_interleave(n, dim=0)
+        tokens = torch.full((total, max_new), -1, dtype=torch.long, device=device)  # -1: never generated
+        segment = torch.ones(total, 1, dtype=torch.long, device=device)
         active = torch.arange(total, device=device)
         for step in range(max_new):
-            nxt = pick(logits, active)
-            done = nxt == tok.sep_id
-            for row, token, d in zip(active.tolist(), nxt.tolist(), done.tolist(), strict=True):
-                if not d:
-                    out[row].append(token)
-            keep = ~done
-            if not keep.any() or step == max_new - 1:
+            nxt = pick(logits)
+            tokens[active, step] = nxt
+            keep = nxt != tok.sep_id
+            n_keep = int(keep.sum())  # the one host sync per step: is anyone still decoding?
+            if n_keep == 0 or step == max_new - 1:
                 break
-            if not keep.all():  # drop finished rows from every cache
+            if n_keep < len(active):  # drop finished rows from the batch and the cache
                 idx = keep.nonzero().squeeze(-1)
                 active, nxt, key_mask = active[idx], nxt[idx], key_mask[idx]
-                past = tuple((k[idx], v[idx]) for k, v in past)
-            key_mask = torch.cat([key_mask, key_mask.new_ones(len(active), 1)], dim=1)
+                cache.select(idx)
             pos = (src_len[active] + step).unsqueeze(1)
-            res = model(nxt.unsqueeze(1), torch.ones_like(nxt).unsqueeze(1), key_mask,
-                        position_ids=pos, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(nxt.unsqueeze(1), segment[:len(active)], key_mask[:, :width + step + 1],
+                        position_ids=pos, past_key_values=cache, use_cache=True, validate=False)
             logits = model.lm_logits(res.last_hidden_state[:, -1])
+        for row, ids in enumerate(tokens.tolist()):
+            for t in ids:
+                if t == tok.sep_id or t < 0:
+                    break
+                out[row].append(t)
         return out
 
     def _generate_recompute(self, src, n, max_new, pick, out):
@@ -299,7 +306,7 @@ class SimModel:
             lengths = batch.attention_mask.sum(1) - 1
             res = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, mask="unilm")
             logits = model.lm_logits(res.last_hidden_state[torch.arange(len(active), device=device), lengths])
-            nxt = pick(logits, active).tolist()
+            nxt = pick(logits).tolist()
             still = []
             for r, token in zip(active, nxt, strict=True):
                 if token != tok.sep_id:

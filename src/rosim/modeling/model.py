@@ -209,6 +209,52 @@ class Embeddings(nn.Module):
         return self.dropout(self.layer_norm(x))
 
 
+class KVCache:
+    """Preallocated keys and values for incremental decoding: one buffer per layer
+    ``(B, h, capacity, d)``, filled up to ``length``; each step writes in place instead of
+    concatenating (which copies the whole cache every token).
+
+    Pass it as ``past_key_values``; ``forward`` appends the new keys of every layer and advances
+    ``length``. ``select(rows)`` keeps only some rows (finished rows leave the batch).
+    """
+
+    def __init__(self, past: tuple[tuple[torch.Tensor, torch.Tensor], ...], capacity: int):
+        batch, heads, length, size = past[0][0].shape
+        if capacity < length:
+            raise InputError(f"cache capacity {capacity} is below the {length} positions already cached")
+        self.keys = [k.new_empty(batch, heads, capacity, size) for k, _ in past]
+        self.values = [v.new_empty(batch, heads, capacity, size) for _, v in past]
+        for i, (k, v) in enumerate(past):
+            self.keys[i][:, :, :length] = k
+            self.values[i][:, :, :length] = v
+        self.length, self.capacity = length, capacity
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise InputError(f"the cache holds {self.capacity} positions; step {end} does not fit")
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+class _LayerCache:
+    """One layer's view of a :class:`KVCache` (what ``Attention`` sees as ``past``)."""
+
+    def __init__(self, cache: KVCache, layer: int):
+        self.cache, self.layer = cache, layer
+
+    def extend(self, k, v):
+        return self.cache.extend(self.layer, k, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention through SDPA, with RoPE on q and k and an optional KV cache."""
 
@@ -228,7 +274,9 @@ class Attention(nn.Module):
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if past is not None:
+        if isinstance(past, _LayerCache):
+            k, v = past.extend(k, v)
+        elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
@@ -331,9 +379,10 @@ class RoFormerSim(nn.Module):
         mask: Literal["bidirectional", "unilm", "causal"] = "bidirectional",
         attention_bias: torch.Tensor | list[torch.Tensor | None] | None = None,
         position_ids: torch.Tensor | None = None,
-        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None,
+        past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | KVCache | None = None,
         use_cache: bool = False,
         output_hidden_states: bool = False,
+        validate: bool = True,
     ) -> ModelOutput:
         """Run the encoder.
 
@@ -346,14 +395,20 @@ class RoFormerSim(nn.Module):
             or a list with one bias (or None) per layer (UniVAE uses per-layer masks). When given
             per layer, it replaces the structural mask of ``mask`` for that layer (padding still applies).
         position_ids : ``(B|1, L)``; default ``past_length + arange(L)``.
-        past_key_values, use_cache : incremental decoding; keys are cached already rotated.
+        past_key_values, use_cache : incremental decoding; keys are cached already rotated. A
+            :class:`KVCache` is extended in place and returned as ``past_key_values``.
+        validate : check id ranges (a host sync per call); decoders that made the ids pass False.
         """
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         if length == 0:
             raise InputError("input_ids has length 0: nothing to encode")
-        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        cache = past_key_values if isinstance(past_key_values, KVCache) else None
+        if cache is not None:
+            past_length = cache.length
+        else:
+            past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if past_key_values is not None and len(past_key_values) != len(self.layers):
             raise InputError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
         if token_type_ids is None:
@@ -367,16 +422,16 @@ class RoFormerSim(nn.Module):
                 f"attention_mask must be (batch, past + length) = {(batch, past_length + length)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
+        if validate and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise InputError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got {int(input_ids.min())}..{int(input_ids.max())}; "
                 "was the text encoded with this model's vocabulary?"
             )
-        if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
+        if validate and (int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size):
             raise InputError(f"segment ids must lie in [0, {self.config.type_vocab_size})")
         if position_ids is None:
             position_ids = torch.arange(past_length, past_length + length, device=input_ids.device)[None]
-        if int(position_ids.max()) >= self.config.max_position and self.config.position == "absolute":
+        if self.config.position == "absolute" and validate and int(position_ids.max()) >= self.config.max_position:
             raise InputError(
                 f"position {int(position_ids.max())} exceeds max_position {self.config.max_position}; truncate the input"
             )
@@ -403,11 +458,15 @@ class RoFormerSim(nn.Module):
                 bias = build_attention_bias(
                     attention_mask, query_length=length, extra_bias=attention_bias[i], dtype=dtype
                 )
-            x, kv = layer(x, bias, rope, None if past_key_values is None else past_key_values[i])
-            if use_cache:
+            past = None if past_key_values is None else (
+                _LayerCache(cache, i) if cache is not None else past_key_values[i])
+            x, kv = layer(x, bias, rope, past)
+            if use_cache and cache is None:
                 presents.append(kv)
             if output_hidden_states:
                 hidden_states.append(x)
+        if cache is not None:
+            cache.length += length
         pooled = None
         if past_length == 0 and self.config.sentence_pooling == "mean":
             keep = token_type_ids == 0
@@ -423,7 +482,7 @@ class RoFormerSim(nn.Module):
             last_hidden_state=x,
             pooled=pooled,
             hidden_states=None if hidden_states is None else tuple(hidden_states),
-            past_key_values=None if presents is None else tuple(presents),
+            past_key_values=cache if cache is not None else (None if presents is None else tuple(presents)),
         )
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
