@@ -43,14 +43,29 @@ def test_poolings_match_direct_computation(sim):
         assert np.abs(got - ref.numpy()).max() < 1e-5, pooling
 
 
-def test_similarity_forms(sim):
+def test_similarity_shape_follows_the_argument_forms_not_the_lengths(sim):
     s = sim.similarity("今天天气不错", "今天天气很好")
     assert isinstance(s, float) and -1 <= s <= 1.0001
-    pair = sim.similarity(["我", "你"], ["他", "她"])
-    assert pair.shape == (2,)
+    square = sim.similarity(["我", "你"], ["他", "她"])
+    assert square.shape == (2, 2)  # equal lengths: still the matrix
     mat = sim.similarity(["我", "你"], ["他", "她", "它"])
     assert mat.shape == (2, 3)
-    assert abs(mat[0, 0] - pair[0]) < 1e-6
+    np.testing.assert_allclose(mat[:, :2], square, atol=1e-6)
+    row = sim.similarity("我", ["他", "她", "它"])
+    col = sim.similarity(["他", "她", "它"], "我")
+    assert row.shape == col.shape == (3,)
+    np.testing.assert_allclose(row, mat[0], atol=1e-6)
+    np.testing.assert_allclose(col, row, atol=1e-6)
+    assert abs(s - float(sim.encode("今天天气不错") @ sim.encode("今天天气很好"))) < 1e-6
+
+
+def test_similarity_pairwise(sim):
+    pair = sim.similarity_pairwise(["我", "你"], ["他", "她"])
+    np.testing.assert_allclose(pair, np.diag(sim.similarity(["我", "你"], ["他", "她"])), atol=1e-6)
+    with pytest.raises(InputError, match="equal length, got 2 and 3"):
+        sim.similarity_pairwise(["我", "你"], ["他", "她", "它"])
+    with pytest.raises(InputError, match="two lists"):
+        sim.similarity_pairwise("我", "他")
 
 
 def test_cached_logits_equal_recompute_at_every_step(sim):
@@ -129,11 +144,11 @@ def test_sample_top_p_matches_the_sort_based_sampler():
 
 def test_cached_and_recompute_generate_identical_samples(sim):
     texts = ["今天天气不错", "广州和深圳哪个好？"]
-    a = sim.generate(texts, 6, seed=11, max_length=12, top_p=0.9)
-    b = sim.generate(texts, 6, seed=11, max_length=12, top_p=0.9, strategy="recompute")
+    a = sim.generate(texts, 6, seed=11, max_new_tokens=12, top_p=0.9)
+    b = sim.generate(texts, 6, seed=11, max_new_tokens=12, top_p=0.9, strategy="recompute")
     assert a == b
-    assert sim.generate(texts, 6, seed=11, max_length=12) == sim.generate(texts, 6, seed=11, max_length=12)
-    assert sim.generate(texts, 6, seed=12, max_length=12) != sim.generate(texts, 6, seed=11, max_length=12)
+    assert sim.generate(texts, 6, seed=11, max_new_tokens=12) == sim.generate(texts, 6, seed=11, max_new_tokens=12)
+    assert sim.generate(texts, 6, seed=12, max_new_tokens=12) != sim.generate(texts, 6, seed=11, max_new_tokens=12)
 
 
 def test_nucleus_keeps_tokens_up_to_and_including_the_crossing_one():
@@ -208,9 +223,19 @@ def test_sampling_frequencies_follow_the_distribution():
     assert torch.allclose(counts, probs, atol=0.015)
 
 
+def _fake_generation(sim, monkeypatch, outs: list[str]):
+    """Make the generator return ``outs`` (as ids) for every source."""
+    rows = [sim.tokenizer.encode_ids(o) for o in outs]
+
+    def chunks(src, settings):
+        order = list(range(len(src)))
+        yield order, [list(r) for _ in order for r in rows]
+
+    monkeypatch.setattr(sim, "_generate_chunks", chunks)
+
+
 def test_similar_dedups_drops_input_and_ranks(sim, monkeypatch):
-    outs = [["今天天气很好", "今天天气不错", "今天天气很好", "天气不错", ""]]
-    monkeypatch.setattr(sim, "generate", lambda items, n, **kw: outs * len(items))
+    _fake_generation(sim, monkeypatch, ["今天天气很好", "今天天气不错", "今天天气很好", "天气不错", ""])
     res = sim.similar("今天天气不错", n=5, k=5)
     texts = [t for t, _ in res]
     assert sorted(texts) == ["今天天气很好", "天气不错"]
@@ -251,8 +276,8 @@ def test_repetition_detector():
 
 
 def test_fluency_guard_ranks_failing_candidates_last(sim, monkeypatch):
-    outs = [["今天天气很好", "今天天气今天天气", "天气不错", "晴天"]]
-    monkeypatch.setattr(sim, "generate", lambda items, n, **kw: outs * len(items))
+    outs = [["今天天气很好", "今天天气今天天气", "天气不错", "天气很好"]]
+    _fake_generation(sim, monkeypatch, outs[0])
     off = [t for t, _ in sim.similar("今天天气不错", n=4, k=4, min_fluency=None)]
     scores = dict(zip(outs[0], sim.fluency(["今天天气不错"] * 4, outs[0]), strict=True))
     threshold = sorted(scores.values())[1]  # the lowest-scoring candidate fails, the others pass
@@ -267,7 +292,7 @@ def test_fluency_guard_ranks_failing_candidates_last(sim, monkeypatch):
 
 
 def test_mask_idxs_replaces_source_positions(sim):
-    src = sim._prepare_sources(["科学技术是第一生产力。"], [6, 7])[0]
+    src = sim._prepare_sources(sim.tokenizer.encode_batch_ids(["科学技术是第一生产力。"]), [6, 7])[0]
     assert src[6] == src[7] == sim.tokenizer.mask_id
     with pytest.raises(InputError, match="mask index 40"):
         sim.generate("科学", 2, mask_idxs=[40])
@@ -285,6 +310,16 @@ def test_mask_idxs_replaces_source_positions(sim):
         (lambda s: s.generate("你好", 2, temperature=0), "temperature"),
         (lambda s: s.similar("你好", n=3, k=5), "cannot exceed"),
         (lambda s: s.similar("你好", n=3, k=0), "k must be"),
+        (lambda s: s.generate("你好", 10**9), "n must be between 1 and 10,000"),
+        (lambda s: s.similar("你好", n=99999999999999999999999), "n must be between"),
+        (lambda s: s.similar("你好", n=-1), "n must be between"),
+        (lambda s: s.similar("你好", n=2.5), "n must be an integer"),
+        (lambda s: s.similar("你好", n=4, seed=2**70), "seed must be"),
+        (lambda s: s.similar("你好", n=4, seed=-1), "seed must be"),
+        (lambda s: s.generate("你好", 2, max_new_tokens=0), "max_new_tokens must be"),
+        (lambda s: s.generate("你好", 2, max_new_tokens=10**6), "max_new_tokens must be"),
+        (lambda s: s.similar(["你好", ""], n=2), "text 1 is empty"),
+        (lambda s: s.similarity("你好", []), "no texts"),
         (lambda s: s.encode(["a", 3]), "expected str"),
         (lambda s: s.encode("a", pooling="max"), "pooling"),
     ],
@@ -300,4 +335,34 @@ def test_long_text_is_truncated_and_unknown_characters_are_unk(sim):
     assert np.allclose(sim.encode(long), sim.encode("天" * 62), atol=1e-6)  # documented: first 62 tokens
     ids = sim.tokenizer.encode_ids("龘")
     assert ids == [sim.tokenizer.unk_id]
-    assert len(sim.generate("天" * 500, 2, max_length=4, seed=0)) == 2
+    assert len(sim.generate("天" * 500, 2, max_new_tokens=4, seed=0)) == 2
+
+
+def test_generation_in_bounded_groups_matches_one_group_per_source(sim):
+    texts = ["今天天气不错", "我喜欢北京的秋天", "你好", "科学技术是第一生产力。"]
+    whole = sim.generate(texts, 6, seed=5, max_new_tokens=8, max_rows=6)  # one source per group
+    again = sim.generate(texts, 6, seed=5, max_new_tokens=8, max_rows=6)
+    assert whole == again and [len(x) for x in whole] == [6] * 4
+    one = sim.generate("你好", 6, seed=5, max_new_tokens=8, max_rows=6)  # shortest source runs first
+    assert whole[2] == one
+    split = sim.generate("你好", 7, seed=5, max_new_tokens=8, max_rows=3)  # n beyond max_rows: in parts
+    assert len(split) == 7
+    assert split[:3] == sim.generate("你好", 3, seed=5, max_new_tokens=8)
+
+
+def test_similar_default_k_is_at_most_n_and_results_are_typed(sim):
+    from rosim.inference.sim_model import Candidate
+
+    res = sim.similar("今天天气不错", n=6, seed=0, max_new_tokens=6)
+    assert 0 < len(res) <= 6 and all(isinstance(c, Candidate) for c in res)
+    text, score = res[0]
+    assert res[0].text == text and res[0].score == score
+
+
+def test_similar_scores_candidates_from_their_ids(sim, monkeypatch):
+    seen = []
+    real = sim._encode_ids
+    monkeypatch.setattr(sim, "encode", lambda *a, **k: pytest.fail("similar re-tokenised text"))
+    monkeypatch.setattr(sim, "_encode_ids", lambda ids, **kw: seen.append(ids) or real(ids, **kw))
+    res = sim.similar(["今天天气不错", "你好"], n=4, k=2, seed=1, max_new_tokens=6)
+    assert len(res) == 2 and seen

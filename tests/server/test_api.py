@@ -41,30 +41,66 @@ def test_encode_matches_the_model(client, sim):
     np.testing.assert_allclose(raw, sim.encode("今天天气不错", normalize=False), atol=1e-5)
 
 
-def test_similarity_pairwise_and_one_against_many(client, sim):
-    a, b = ["今天天气不错", "我喜欢北京"], ["今天天气很好", "我不喜欢北京"]
-    scores = client.post("/similarity", json={"a": a, "b": b}).json()["scores"]
-    np.testing.assert_allclose(scores, sim.similarity(a, b), atol=1e-5)
+def test_similarity_has_the_library_shapes(client, sim):
+    a, b = ["今天天气不错", "我喜欢北京"], ["今天天气很好", "我不喜欢北京", "电影不错"]
+    matrix = client.post("/similarity", json={"a": a, "b": b}).json()["scores"]
+    assert np.shape(matrix) == (2, 3)
+    np.testing.assert_allclose(matrix, sim.similarity(a, b), atol=1e-5)
+    square = client.post("/similarity", json={"a": a, "b": b[:2]}).json()["scores"]
+    assert np.shape(square) == (2, 2)  # equal lengths still give the matrix: shape follows the forms
     one = client.post("/similarity", json={"a": "今天天气不错", "b": b}).json()["scores"]
-    np.testing.assert_allclose(one, [sim.similarity("今天天气不错", t) for t in b], atol=1e-5)
+    np.testing.assert_allclose(one, sim.similarity("今天天气不错", b), atol=1e-5)
+    column = client.post("/similarity", json={"a": b, "b": "今天天气不错"}).json()["scores"]
+    np.testing.assert_allclose(column, one, atol=1e-5)
     single = client.post("/similarity", json={"a": "电影不错", "b": "电影不错"}).json()["scores"]
-    assert single == [pytest.approx(1.0, abs=1e-5)]
+    assert single == pytest.approx(1.0, abs=1e-5)
+
+
+def test_similarity_pairwise_endpoint(client, sim):
+    a, b = ["今天天气不错", "我喜欢北京"], ["今天天气很好", "我不喜欢北京"]
+    scores = client.post("/similarity/pairwise", json={"a": a, "b": b}).json()["scores"]
+    np.testing.assert_allclose(scores, sim.similarity_pairwise(a, b), atol=1e-5)
+    assert client.post("/similarity/pairwise", json={"a": "今天", "b": "明天"}).status_code == 422
+
+
+def test_similar_accepts_text_or_texts_not_both(client):
+    one = client.post("/similar", json={"text": "今天天气不错", "n": 4, "k": 2, "seed": 3, "max_new_tokens": 6})
+    many = client.post("/similar", json={"texts": "今天天气不错", "n": 4, "k": 2, "seed": 3, "max_new_tokens": 6})
+    assert one.status_code == 200 and one.json() == many.json()
+    both = client.post("/similar", json={"text": "a", "texts": "b", "n": 4, "k": 2})
+    assert both.status_code == 422 and "exactly one of text" in both.text
+    assert client.post("/similar", json={"n": 4, "k": 2}).status_code == 422
+
+
+def test_similar_defaults_are_the_library_defaults(sim):
+    from rosim.inference import sim_model
+
+    props = create_app(sim).openapi()["components"]["schemas"]["SimilarRequest"]["properties"]
+    assert props["n"]["default"] == sim_model.DEFAULT_N
+    assert props["k"].get("default") is None and "default 20" in props["k"]["description"]  # min(20, n)
+    assert props["top_p"]["default"] == sim_model.DEFAULT_TOP_P
+    assert props["max_new_tokens"]["default"] == sim_model.DEFAULT_MAX_NEW_TOKENS
+
+
+def test_similar_defaults_follow_a_lower_server_limit(client):
+    r = client.post("/similar", json={"text": "今天天气不错", "max_new_tokens": 4})  # this server: max_n=16
+    assert r.status_code == 200 and 0 < len(r.json()["results"][0]["similar"]) <= 16
 
 
 def test_similar_seeded_equals_the_library(client, sim):
-    body = {"texts": "今天天气不错", "n": 8, "k": 3, "seed": 7, "max_length": 12}
+    body = {"texts": "今天天气不错", "n": 8, "k": 3, "seed": 7, "max_new_tokens": 12}
     r = client.post("/similar", json=body)
     assert r.status_code == 200
     (item,) = r.json()["results"]
     assert item["text"] == "今天天气不错"
-    expected = sim.similar("今天天气不错", n=8, k=3, seed=7, max_length=12)
+    expected = sim.similar("今天天气不错", n=8, k=3, seed=7, max_new_tokens=12)
     assert [(s["text"], pytest.approx(s["score"], abs=1e-6)) for s in item["similar"]] == expected
     scores = [s["score"] for s in item["similar"]]
     assert scores == sorted(scores, reverse=True) and len(scores) <= 3
 
 
 def test_similar_several_texts(client):
-    r = client.post("/similar", json={"texts": ["今天天气不错", "我喜欢北京"], "n": 4, "k": 2, "max_length": 6})
+    r = client.post("/similar", json={"texts": ["今天天气不错", "我喜欢北京"], "n": 4, "k": 2, "max_new_tokens": 6})
     results = r.json()["results"]
     assert [x["text"] for x in results] == ["今天天气不错", "我喜欢北京"]
     assert all(len(x["similar"]) <= 2 for x in results)
@@ -152,9 +188,9 @@ def test_wrong_types_name_the_field(client, path, body, where):
     ("/similar", {"texts": "今天", "n": 0}, "greater than or equal to 1"),
     ("/similar", {"texts": "今天", "n": 4, "k": 5}, "k (5) cannot exceed n (4)"),
     ("/similar", {"texts": "今天", "top_p": 0}, "greater than 0"),
-    ("/similar", {"texts": "今天", "max_length": 65}, "less than or equal to 64"),
+    ("/similar", {"texts": "今天", "max_new_tokens": 65}, "less than or equal to 64"),
     ("/similar", {"texts": "今天", "seed": -1}, "seed"),
-    ("/similarity", {"a": ["a", "b"], "b": ["c"] * 3}, "different lengths (2 and 3)"),
+    ("/similarity/pairwise", {"a": ["a", "b"], "b": ["c"] * 3}, "different lengths (2 and 3)"),
     ("/search", {"texts": "今天", "k": 101}, "less than or equal to 100"),
 ])
 def test_limits_answer_422_saying_what_was_wrong(client, path, body, fragment):
@@ -167,7 +203,7 @@ def test_generated_rows_limit(sim):
     with TestClient(app) as c:
         err = error_of(c.post("/similar", json={"texts": ["今天", "明天"], "n": 6, "k": 1}), 422)
         assert "2 texts x n=6 = 12 candidates exceeds the limit of 10" in err["message"]
-        assert c.post("/similar", json={"texts": ["今天"], "n": 6, "k": 1, "max_length": 4}).status_code == 200
+        assert c.post("/similar", json={"texts": ["今天"], "n": 6, "k": 1, "max_new_tokens": 4}).status_code == 200
 
 
 def test_oversize_body_is_413(sim):

@@ -178,7 +178,7 @@ def test_app_merges_concurrent_similarity_requests(sim):
     pairs = [("今天天气不错", "今天天气很好"), ("我喜欢北京", "我不喜欢北京"), ("电影不错", "苹果是红色的")] * 4
     responses = asyncio.run(_concurrently(app, [("/similarity", {"a": a, "b": b}) for a, b in pairs]))
     assert all(r.status_code == 200 for r in responses)
-    got = [r.json()["scores"][0] for r in responses]
+    got = [r.json()["scores"] for r in responses]
     np.testing.assert_allclose(got, [sim.similarity(a, b) for a, b in pairs], atol=1e-5)
     stats = app.state.batchers["encode"].stats
     assert sum(size for name, size in model.calls if name == "encode") == 6  # 24 texts, 6 distinct, once each
@@ -189,7 +189,7 @@ def test_app_merges_concurrent_similar_requests(sim):
     model = InstrumentedModel(sim)
     app = create_app(model, max_wait_ms=100)
     texts = ["今天天气不错", "我喜欢北京", "电影不错", "广州和深圳哪个好？", "科学技术是第一生产力。"]
-    reqs = [("/similar", {"texts": t, "n": 6, "k": 2 + i % 3, "max_length": 8}) for i, t in enumerate(texts)]
+    reqs = [("/similar", {"texts": t, "n": 6, "k": 2 + i % 3, "max_new_tokens": 8}) for i, t in enumerate(texts)]
     responses = asyncio.run(_concurrently(app, reqs))
     assert all(r.status_code == 200 for r in responses)
     for (_, body), r in zip(reqs, responses, strict=True):
@@ -201,15 +201,15 @@ def test_app_merges_concurrent_similar_requests(sim):
 def test_app_never_merges_different_options_or_seeds(sim):
     model = InstrumentedModel(sim)
     app = create_app(model, max_wait_ms=100)
-    reqs = [("/similar", {"texts": "今天天气不错", "n": 4, "k": 2, "max_length": 6, "seed": 1}),
-            ("/similar", {"texts": "今天天气不错", "n": 4, "k": 2, "max_length": 6, "seed": 1}),
-            ("/similar", {"texts": "我喜欢北京", "n": 5, "k": 2, "max_length": 6}),
-            ("/similar", {"texts": "我喜欢北京", "n": 4, "k": 2, "max_length": 7})]
+    reqs = [("/similar", {"texts": "今天天气不错", "n": 4, "k": 2, "max_new_tokens": 6, "seed": 1}),
+            ("/similar", {"texts": "今天天气不错", "n": 4, "k": 2, "max_new_tokens": 6, "seed": 1}),
+            ("/similar", {"texts": "我喜欢北京", "n": 5, "k": 2, "max_new_tokens": 6}),
+            ("/similar", {"texts": "我喜欢北京", "n": 4, "k": 2, "max_new_tokens": 7})]
     responses = asyncio.run(_concurrently(app, reqs))
     assert model.count("similar") == 4
     a, b = (r.json()["results"][0]["similar"] for r in responses[:2])
     assert a == b  # a seeded request is reproducible, batching or not
-    expected = sim.similar("今天天气不错", n=4, k=2, max_length=6, seed=1)
+    expected = sim.similar("今天天气不错", n=4, k=2, max_new_tokens=6, seed=1)
     assert [(x["text"], pytest.approx(x["score"], abs=1e-6)) for x in a] == expected
 
 

@@ -254,7 +254,7 @@ lr = 1e-3
     assert len(log) == 3 and all(r["kl"] >= 0 for r in log)
     distilled = SimModel.from_pretrained(run / "distill" / "final")
     assert distilled.model.lm_head is not None
-    out = distilled.generate("我今天很高兴", n=2, max_length=5, seed=0)
+    out = distilled.generate("我今天很高兴", n=2, max_new_tokens=5, seed=0)
     assert len(out) == 2 and all(isinstance(s, str) for s in out)
     # running again without --resume/--overwrite is refused; --resume finishes at once
     assert main(["train", "supervised", "--config", str(cfg), "--quiet"]) == 2

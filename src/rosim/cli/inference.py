@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from rosim.errors import InputError
+from rosim.textio import output_path
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="rosim checkpoint directory (default: the embedded model)")]
 
@@ -20,50 +21,31 @@ def load_model(model: Path | None):
     return SimModel.load(model)
 
 
-def _resume_state(out: Path) -> set[str]:
-    """Inputs already written to ``out``; a truncated last line (killed mid-write) is dropped."""
-    if not out.exists():
-        return set()
-    raw = out.read_bytes()
-    done, good = set(), 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            done.add(json.loads(line)["text"])
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise InputError(f"{out} exists but is not a rosim similar output; remove it or pick another -o") from None
-        good += len(line)
-    if good != len(raw):
-        with open(out, "r+b") as f:
-            f.truncate(good)
-    return done
-
-
 def similar(
     texts: Annotated[list[str] | None, typer.Argument(help="sentences to find similar sentences for")] = None,
     n: Annotated[int, typer.Option("-n", help="candidates generated per input")] = 100,
-    k: Annotated[int, typer.Option("-k", help="results kept per input")] = 20,
+    k: Annotated[int | None, typer.Option("-k", help="results kept per input  [default: 20, at most n]")] = None,
     model: ModelOpt = None,
     seed: Annotated[int | None, typer.Option(help="random seed for sampling")] = None,
     top_p: Annotated[float, typer.Option(help="nucleus sampling threshold")] = 0.95,
+    max_new_tokens: Annotated[int, typer.Option(help="tokens generated per candidate")] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON array per input on its own line")] = False,
     file: Annotated[Path | None, typer.Option("--file", "-f", help="augment every line of this UTF-8 file")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON-lines output for --file (resumable)")] = None,
-    batch: Annotated[int, typer.Option(help="inputs generated together with --file")] = 8,
+    batch: Annotated[int, typer.Option(help="inputs per resumable unit with --file (results are written per unit)")] = 32,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate similar sentences and rank them by similarity to the input."""
+    options = {"n": n, "k": k, "seed": seed, "top_p": top_p, "max_new_tokens": max_new_tokens}
     if file is not None:
         if texts:
             raise InputError("give either TEXT arguments or --file, not both")
         if output is None:
             raise InputError("--file needs --output/-o OUT.jsonl")
-        return _similar_file(file, output, n=n, k=k, model=model, seed=seed, top_p=top_p, batch=batch, quiet=quiet)
+        return _similar_file(file, output, options, model=model, batch=batch, quiet=quiet)
     if not texts:
         raise InputError("give at least one TEXT (or --file IN.txt -o OUT.jsonl)")
-    sim = load_model(model)
-    results = sim.similar(texts, n=n, k=k, seed=seed, top_p=top_p)
+    results = load_model(model).similar(texts, **options, show_progress_bar=False if quiet else None)
     for text, res in zip(texts, results, strict=True):
         if as_json:
             typer.echo(json.dumps([{"text": t, "score": round(s, 6)} for t, s in res], ensure_ascii=False))
@@ -74,34 +56,102 @@ def similar(
                 typer.echo(f"{s:.4f}\t{t}")
 
 
-def _similar_file(file: Path, output: Path, *, n, k, model, seed, top_p, batch, quiet) -> None:
+def _similar_file(file: Path, output: Path, options: dict, *, model, batch: int, quiet: bool) -> None:
+    """``similar`` over a file, written unit by unit; a rerun resumes exactly.
+
+    Inputs (distinct lines, in file order) are cut into units of ``batch``; unit ``u`` is sampled
+    with seed ``seed + u``, so each unit's results do not depend on what ran before. A sidecar
+    ``OUT.rosim.json`` records the model, the input file and the options: a rerun resumes only an
+    output it wrote with the same ones, recomputes a unit that was cut short and writes just its
+    missing lines, so a resumed seeded run equals an uninterrupted one.
+    """
     from tqdm.auto import tqdm
 
+    from rosim.inference.sim_model import MAX_SEED, check_count
     from rosim.textio import read_lines
 
-    inputs = read_lines(file)
-    if batch <= 0:
-        raise InputError(f"--batch must be positive, got {batch}")
-    done = _resume_state(output)
-    todo = [t for t in dict.fromkeys(inputs) if t not in done]
+    batch = check_count("--batch", batch, 100_000)
+    inputs = list(dict.fromkeys(read_lines(file)))
+    output = output_path(output)
     sim = load_model(model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc="similar", disable=quiet or not sys.stderr.isatty())
+    record = {"format": "rosim-similar/1", "input_sha256": _sha256(file), "model": sim.identity()["weights"],
+              **options, "batch": batch}
+    done = _resume_state(output, record)
+    units = [inputs[s:s + batch] for s in range(0, len(inputs), batch)]
+    todo = sum(1 for t in inputs if t not in done)
+    bar = tqdm(total=todo, desc="similar", disable=quiet or not sys.stderr.isatty())
     with open(output, "a", encoding="utf-8") as f:
-        for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
-            chunk_seed = None if seed is None else seed + start
-            results = sim.similar(chunk, n=n, k=k, seed=chunk_seed, top_p=top_p)
+        for u, unit in enumerate(units):
+            if all(t in done for t in unit):
+                continue
+            seed = None if options["seed"] is None else (options["seed"] + u) % (MAX_SEED + 1)
+            results = sim.similar(unit, **{**options, "seed": seed}, show_progress_bar=False)
             f.write("".join(
                 json.dumps({"text": t, "similar": [{"text": s, "score": round(v, 6)} for s, v in r]},
                            ensure_ascii=False) + "\n"
-                for t, r in zip(chunk, results, strict=True)
+                for t, r in zip(unit, results, strict=True) if t not in done
             ))
             f.flush()
-            bar.update(len(chunk))
+            bar.update(sum(1 for t in unit if t not in done))
     bar.close()
     if not quiet:
-        typer.echo(f"wrote {len(todo)} new lines to {output} ({len(done)} already there)", err=True)
+        typer.echo(f"wrote {todo} new lines to {output} ({len(inputs) - todo} already there)", err=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(out: Path) -> Path:
+    return out.with_name(out.name + ".rosim.json")
+
+
+def _resume_state(out: Path, record: dict) -> set[str]:
+    """Inputs already in ``out`` when its sidecar matches ``record`` (else a clear refusal); a
+    truncated last line (killed mid-write) is cut off. A new output gets its sidecar first."""
+    from rosim.textio import atomic_write
+
+    side = _sidecar(out)
+    if not out.exists() or out.stat().st_size == 0:
+        with atomic_write(side) as f:
+            json.dump(record, f, indent=1)
+        out.touch()
+        return set()
+    try:
+        old = json.loads(side.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{out} exists and was not written by `rosim similar --file` (no {side.name}): "
+                         "refusing to append to it; remove it or pick another -o") from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{side} is unreadable ({e}): remove {out} and {side.name} to start again") from None
+    changed = [key for key in record if old.get(key) != record[key]]
+    if changed:
+        what = ", ".join(f"{key} {old.get(key)!r} -> {record[key]!r}" for key in changed if key != "input_sha256")
+        if "input_sha256" in changed:
+            what = ", ".join(filter(None, ["the input file changed", what]))
+        raise InputError(f"{out} was written with other settings ({what}): resuming would mix them; "
+                         "pick another -o or remove it to start again")
+    raw = out.read_bytes()
+    done, good = set(), 0
+    for number, line in enumerate(raw.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            done.add(json.loads(line)["text"])
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+            raise InputError(f"{out} line {number} is not a rosim similar result; "
+                             "remove the file to start again") from None
+        good += len(line)
+    if good != len(raw):
+        with open(out, "r+b") as f:
+            f.truncate(good)
+    return done
 
 
 def sim(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +16,40 @@ from rosim.modeling.model import KVCache, RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
 
 DEFAULT_MIN_FLUENCY: float | None = -1.5  # nats per token; chosen on a panel (benchmarks/fluency_guard.py)
+
+# One set of defaults and bounds for Python, the CLI and HTTP (the server's schemas read these).
+DEFAULT_N = 100             # candidates sampled per input (RoFormer-Sim's examples)
+DEFAULT_K = 20              # results kept per input
+DEFAULT_TOP_P = 0.95
+DEFAULT_MAX_NEW_TOKENS = 64  # tokens generated per candidate; input truncation is ``SimModel.max_length``
+MAX_N = 10_000              # candidates per input: beyond this a call is a mistake, not a workload
+MAX_NEW_TOKENS = 512
+MAX_SEED = 2**63 - 1
+DEFAULT_MAX_ROWS = 512      # candidate rows decoded together: bounds the key/value cache's memory
+
+
+class Candidate(NamedTuple):
+    """One ranked result of :meth:`SimModel.similar` (unpacks as ``text, score``)."""
+
+    text: str
+    score: float
+
+
+def check_count(name: str, value, high: int) -> int:
+    """``value`` as an int in ``[1, high]`` or an :class:`InputError` naming the bound."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if not 1 <= value <= high:
+        raise InputError(f"{name} must be between 1 and {high:,}, got {value}")
+    return int(value)
+
+
+def check_seed(seed) -> int | None:
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"seed must be an integer between 0 and 2**63-1, got {seed!r}")
+    return int(seed)
 
 
 def repeats_more_than_source(source: str, candidate: str) -> bool:
@@ -143,7 +177,6 @@ class SimModel:
                 raise InputError(f"text {i} is empty or whitespace only")
         return self.tokenizer.encode_batch_ids(texts)
 
-    @torch.no_grad()
     def encode(self, texts: str | Sequence[str], *, batch_size: int = 64, normalize: bool = True,
                pooling: Pooling = "pooler", show_progress_bar: bool | None = None,
                convert_to: Literal["numpy", "torch"] = "numpy"):
@@ -154,13 +187,21 @@ class SimModel:
         "mean" (last-layer mean, P3) or "first-last-mean" (mean of first and last layers, P4).
         """
         items, single = _check_texts(texts)
+        out = self._encode_ids(self._source_ids(items), batch_size=batch_size, normalize=normalize,
+                               pooling=pooling, show_progress_bar=show_progress_bar)
+        out = out[0] if single else out
+        return out.numpy() if convert_to == "numpy" else out
+
+    @torch.no_grad()
+    def _encode_ids(self, ids: list[list[int]], *, batch_size: int = 64, normalize: bool = True,
+                    pooling: Pooling = "pooler", show_progress_bar: bool | None = False) -> torch.Tensor:
+        """Vectors of already tokenised texts (``[CLS]``/``[SEP]`` added here), float32 on the CPU."""
         if pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if pooling == "pooler" and not self.model.has_sentence_vector:
             raise InputError("this model has no pooler; use pooling='cls' or 'mean'")
-        if batch_size <= 0:
-            raise InputError(f"batch_size must be positive, got {batch_size}")
-        ids = self._source_ids(items)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         out = torch.empty(len(ids), self.model.config.hidden_size)
         batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
@@ -168,10 +209,7 @@ class SimModel:
             enc = self.tokenizer.pad([self.tokenizer.build_inputs(ids[i], None, self.max_length) for i in batch])
             enc = enc.to(self.device)
             out[batch] = self._pool(enc, pooling).float().cpu()
-        if normalize:
-            out = torch.nn.functional.normalize(out, dim=-1)
-        out = out[0] if single else out
-        return out.numpy() if convert_to == "numpy" else out
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
 
     def _pool(self, enc, pooling: Pooling) -> torch.Tensor:
         res = self.model(enc.input_ids, enc.token_type_ids, enc.attention_mask,
@@ -184,52 +222,79 @@ class SimModel:
         h = res.last_hidden_state if pooling == "mean" else (res.hidden_states[1] + res.hidden_states[-1]) / 2
         return (h * m).sum(1) / m.sum(1)
 
-    def similarity(self, a: str | Sequence[str], b: str | Sequence[str], *, pairwise: bool | None = None,
-                   batch_size: int = 64):
-        """Cosine similarity. Two strings give a float; two equal-length lists give the pairwise
-        cosines (``pairwise=True``, default when lengths match) or the full matrix (``pairwise=False``)."""
+    def similarity(self, a: str | Sequence[str], b: str | Sequence[str], *, batch_size: int = 64):
+        """Cosine similarity of every text of ``a`` with every text of ``b``; the shape follows the
+        argument forms, never the lengths: ``(str, str)`` → float, ``(str, list)`` → ``(len(b),)``,
+        ``(list, str)`` → ``(len(a),)``, ``(list, list)`` → ``(len(a), len(b))`` matrix.
+        Texts shared by ``a`` and ``b`` are encoded once. For one score per pair of two equal-length
+        lists use :meth:`similarity_pairwise`."""
         a_items, a_single = _check_texts(a)
         b_items, b_single = _check_texts(b)
-        va = self.encode(a_items, batch_size=batch_size)
-        vb = self.encode(b_items, batch_size=batch_size)
+        va, vb = self._encode_both(a_items, b_items, batch_size)
+        scores = va @ vb.T
         if a_single and b_single:
-            return float(va[0] @ vb[0])
-        if pairwise is None:
-            pairwise = len(a_items) == len(b_items)
-        if pairwise:
-            if len(a_items) != len(b_items):
-                raise InputError(f"pairwise similarity needs equal lengths, got {len(a_items)} and {len(b_items)}")
-            return np.einsum("ij,ij->i", va, vb)
-        return va @ vb.T
+            return float(scores[0, 0])
+        if a_single or b_single:
+            return scores[0] if a_single else scores[:, 0]
+        return scores
+
+    def similarity_pairwise(self, a: Sequence[str], b: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
+        """Cosine of ``a[i]`` with ``b[i]`` for two lists of equal length: a vector ``(len(a),)``."""
+        if isinstance(a, str) or isinstance(b, str):
+            raise InputError("similarity_pairwise takes two lists of texts; for two strings use similarity(a, b)")
+        a_items, _ = _check_texts(a)
+        b_items, _ = _check_texts(b)
+        if len(a_items) != len(b_items):
+            raise InputError(f"pairwise similarity needs two lists of equal length, got {len(a_items)} and {len(b_items)}")
+        va, vb = self._encode_both(a_items, b_items, batch_size)
+        return np.einsum("ij,ij->i", va, vb)
+
+    def _encode_both(self, a: list[str], b: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        unique = list(dict.fromkeys(a + b))
+        vecs = self.encode(unique, batch_size=batch_size)
+        row = {t: i for i, t in enumerate(unique)}
+        return vecs[[row[t] for t in a]], vecs[[row[t] for t in b]]
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
-    def generate(self, text: str | Sequence[str], n: int = 1, *, top_p: float | None = 0.95,
-                 top_k: int | None = None, temperature: float = 1.0, max_length: int = 64,
-                 mask_idxs: Sequence[int] | None = None, seed: int | None = None,
-                 strategy: Literal["cache", "recompute"] = "cache") -> list[str] | list[list[str]]:
-        """Sample ``n`` continuations per text in UniLM fashion, all in parallel.
+    def generate(self, text: str | Sequence[str], n: int = 1, *, top_p: float | None = DEFAULT_TOP_P,
+                 top_k: int | None = None, temperature: float = 1.0,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mask_idxs: Sequence[int] | None = None,
+                 seed: int | None = None, strategy: Literal["cache", "recompute"] = "cache",
+                 max_rows: int = DEFAULT_MAX_ROWS) -> list[str] | list[list[str]]:
+        """Sample ``n`` continuations per text in UniLM fashion.
 
-        The source ``[CLS] text [SEP]`` (segment 0) is encoded once; the ``n`` targets (segment 1) are
-        decoded together with the key/value cache and each stops at ``[SEP]`` or after ``max_length``
-        tokens. ``mask_idxs`` replaces those source positions ([CLS] is 0) with [MASK].
-        ``strategy="recompute"`` re-runs the whole sequence per token (as bert4keras does); it exists
-        for checking and benchmarking. [PAD], [CLS], [MASK] and [UNK] are never sampled.
+        Each source ``[CLS] text [SEP]`` (segment 0, truncated to ``max_length``) is encoded once;
+        its ``n`` targets (segment 1) are decoded together with the key/value cache and each stops
+        at ``[SEP]`` or after ``max_new_tokens``. Sources of similar length are decoded together,
+        at most ``max_rows`` target rows at a time (memory stays bounded for any list or ``n``).
+        ``mask_idxs`` replaces those source positions ([CLS] is 0) with [MASK].
+        ``strategy="recompute"`` re-runs the whole sequence per token (as bert4keras does); it
+        exists for checking and benchmarking. [PAD], [CLS], [MASK] and [UNK] are never sampled.
         """
         items, single = _check_texts(text)
-        if not isinstance(n, int) or n <= 0:
-            raise InputError(f"n must be a positive integer, got {n!r}")
-        if max_length <= 0:
-            raise InputError(f"max_length must be positive, got {max_length}")
-        check_sampling_args(top_p, top_k, temperature)
-        rows = self._generate_ids(items, n, top_p=top_p, top_k=top_k, temperature=temperature,
-                                  max_new=max_length, mask_idxs=mask_idxs, seed=seed, strategy=strategy)
-        texts = [[self.tokenizer.decode(r) for r in rows[i * n:(i + 1) * n]] for i in range(len(items))]
+        settings = self._sampling_settings(n, top_p, top_k, temperature, max_new_tokens, seed, strategy, max_rows)
+        src = self._prepare_sources(self._source_ids(items), mask_idxs)
+        texts: list[list[str]] = [[] for _ in items]
+        for chunk, rows in self._generate_chunks(src, settings):
+            for j, i in enumerate(chunk):
+                texts[i] = [self.tokenizer.decode(r) for r in rows[j * settings["n"]:(j + 1) * settings["n"]]]
         return texts[0] if single else texts
 
-    def _prepare_sources(self, items: list[str], mask_idxs):
+    def _sampling_settings(self, n, top_p, top_k, temperature, max_new_tokens, seed, strategy, max_rows) -> dict:
+        check_sampling_args(top_p, top_k, temperature)
+        if strategy not in ("cache", "recompute"):
+            raise InputError(f"strategy must be 'cache' or 'recompute', got {strategy!r}")
+        seed = check_seed(seed)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        return {"n": check_count("n", n, MAX_N), "top_p": top_p, "top_k": top_k, "temperature": temperature,
+                "max_new": check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS),
+                "strategy": strategy, "max_rows": check_count("max_rows", max_rows, 1 << 20),
+                "generator": generator}
+
+    def _prepare_sources(self, ids: list[list[int]], mask_idxs) -> list[list[int]]:
         tok = self.tokenizer
-        src = [tok.build_inputs(ids, None, self.max_length)[0] for ids in self._source_ids(items)]
+        src = [tok.build_inputs(row, None, self.max_length)[0] for row in ids]
         if mask_idxs:
             for row in src:
                 for p in mask_idxs:
@@ -238,29 +303,43 @@ class SimModel:
                     row[p] = tok.mask_id
         return src
 
-    def _generate_ids(self, items, n, *, top_p, top_k, temperature, max_new, mask_idxs, seed, strategy):
+    def _generate_chunks(self, src: list[list[int]], settings: dict):
+        """Yield ``(source indices, n rows of ids per source)`` over length-sorted groups of sources
+        holding at most ``max_rows`` rows (one source alone when ``n`` exceeds it, split into parts)."""
+        n, max_rows = settings["n"], settings["max_rows"]
+        per = max(1, max_rows // n)
+        order = sorted(range(len(src)), key=lambda i: len(src[i]))
+        for start in range(0, len(order), per):
+            chunk = order[start:start + per]
+            rows: list[list[int]] = []
+            if n <= max_rows:
+                rows = self._generate_ids([src[i] for i in chunk], n, settings)
+            else:
+                for part in range(0, n, max_rows):
+                    rows += self._generate_ids([src[chunk[0]]], min(max_rows, n - part), settings)
+            yield chunk, rows
+
+    @torch.no_grad()
+    def _generate_ids(self, src: list[list[int]], n: int, settings: dict) -> list[list[int]]:
         model, tok, device = self.model, self.tokenizer, self.device
-        limit = model.config.max_position
-        src = self._prepare_sources(items, mask_idxs)
-        max_new = min(max_new, limit - max(len(s) for s in src)) if model.config.position == "absolute" else max_new
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        top_p, top_k, temperature = settings["top_p"], settings["top_k"], settings["temperature"]
+        generator, max_new = settings["generator"], settings["max_new"]
+        if model.config.position == "absolute":
+            max_new = min(max_new, model.config.max_position - max(len(s) for s in src))
         banned = torch.tensor([tok.pad_id, tok.cls_id, tok.mask_id, tok.unk_id], device=device)
         src_len = torch.tensor([len(s) for s in src], device=device).repeat_interleave(n)
         total = len(src) * n
         out: list[list[int]] = [[] for _ in range(total)]
 
-        def pick(logits):
+        def next_tokens(logits):
             logits = logits.float()
             logits[:, banned] = float("-inf")
             if top_p is not None and top_k is None:  # the common case: no full-vocabulary sort
                 return sample_top_p(logits, top_p, temperature=temperature, generator=generator)
             return sample(filter_logits(logits, top_p=top_p, top_k=top_k, temperature=temperature), generator)
 
-        if strategy == "recompute":
-            return self._generate_recompute(src, n, max_new, pick, out)
-        if strategy != "cache":
-            raise InputError(f"strategy must be 'cache' or 'recompute', got {strategy!r}")
+        if settings["strategy"] == "recompute":
+            return self._generate_recompute(src, n, max_new, next_tokens, out)
 
         enc = tok.pad([(s, [0] * len(s)) for s in src]).to(device)
         res = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, use_cache=True)
@@ -275,7 +354,7 @@ class SimModel:
         segment = torch.ones(total, 1, dtype=torch.long, device=device)
         active = torch.arange(total, device=device)
         for step in range(max_new):
-            nxt = pick(logits)
+            nxt = next_tokens(logits)
             tokens[active, step] = nxt
             keep = nxt != tok.sep_id
             n_keep = int(keep.sum())  # the one host sync per step: is anyone still decoding?
@@ -296,7 +375,7 @@ class SimModel:
                 out[row].append(t)
         return out
 
-    def _generate_recompute(self, src, n, max_new, pick, out):
+    def _generate_recompute(self, src, n, max_new, next_tokens, out):
         """Reference decoder: the whole [CLS] src [SEP] tgt sequence with the UniLM mask at every step."""
         model, tok, device = self.model, self.tokenizer, self.device
         rows = [s for s in src for _ in range(n)]
@@ -306,7 +385,7 @@ class SimModel:
             lengths = batch.attention_mask.sum(1) - 1
             res = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, mask="unilm")
             logits = model.lm_logits(res.last_hidden_state[torch.arange(len(active), device=device), lengths])
-            nxt = pick(logits).tolist()
+            nxt = next_tokens(logits).tolist()
             still = []
             for r, token in zip(active, nxt, strict=True):
                 if token != tok.sep_id:
@@ -317,7 +396,6 @@ class SimModel:
                 break
         return out
 
-    @torch.no_grad()
     def fluency(self, sources: Sequence[str], targets: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """Mean log-probability per target token (the final [SEP] included) under the generator:
         ``(1/T) Σ_t log p(y_t | source, y_<t)`` with the UniLM mask, teacher-forced, one value per pair.
@@ -325,13 +403,20 @@ class SimModel:
         A fluent paraphrase scores near the generator's typical token entropy; broken text (repeated
         names, wrong words) contains tokens the model itself finds unlikely and scores lower.
         """
+        if isinstance(sources, str) or isinstance(targets, str):
+            raise InputError("fluency takes two lists of texts (one source per target)")
         if len(sources) != len(targets):
             raise InputError(f"fluency needs as many sources as targets, got {len(sources)} and {len(targets)}")
+        tok = self.tokenizer
+        return self._fluency_ids(tok.encode_batch_ids(list(sources)), tok.encode_batch_ids(list(targets)),
+                                 batch_size=batch_size)
+
+    @torch.no_grad()
+    def _fluency_ids(self, src_ids: list[list[int]], tgt_ids: list[list[int]], *, batch_size: int = 64) -> np.ndarray:
         if self.model.lm_head is None:
             raise InputError("this model has no LM head (config.with_lm_head=False): it cannot score text")
-        tok, out = self.tokenizer, np.empty(len(targets), dtype=np.float64)
-        src_ids, tgt_ids = tok.encode_batch_ids(list(sources)), tok.encode_batch_ids(list(targets))
-        for s in range(0, len(targets), batch_size):
+        tok, out = self.tokenizer, np.empty(len(tgt_ids), dtype=np.float64)
+        for s in range(0, len(tgt_ids), batch_size):
             rows = [tok.build_inputs(a, b, 2 * self.max_length) for a, b in
                     zip(src_ids[s:s + batch_size], tgt_ids[s:s + batch_size], strict=True)]
             enc = tok.pad(rows).to(self.device)
@@ -343,52 +428,74 @@ class SimModel:
         return out
 
     # ------------------------------------------------------------------ generate then rank
-    def similar(self, text: str | Sequence[str], n: int = 100, k: int = 20, *, top_p: float | None = 0.95,
-                top_k: int | None = None, temperature: float = 1.0, max_length: int = 64,
-                mask_idxs: Sequence[int] | None = None, seed: int | None = None,
-                batch_size: int = 128, min_fluency: float | None = DEFAULT_MIN_FLUENCY):
+    def similar(self, text: str | Sequence[str], n: int = DEFAULT_N, k: int | None = None, *,
+                top_p: float | None = DEFAULT_TOP_P, top_k: int | None = None, temperature: float = 1.0,
+                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, mask_idxs: Sequence[int] | None = None,
+                seed: int | None = None, batch_size: int = 128, max_rows: int = DEFAULT_MAX_ROWS,
+                min_fluency: float | None = DEFAULT_MIN_FLUENCY,
+                show_progress_bar: bool | None = None) -> list[Candidate] | list[list[Candidate]]:
         """Generate ``n`` candidates, de-duplicate, drop copies of the input, rank by cosine, keep ``k``.
+
+        Each input is tokenised once; candidates are encoded and scored from the ids the generator
+        produced (never re-tokenised). A list runs in length-sorted groups of at most ``max_rows``
+        candidate rows (memory stays bounded; a progress bar shows on a terminal).
 
         Fluency guard: candidates whose mean per-token log-probability under the generator
         (:meth:`fluency`) is below ``min_fluency``, or that repeat a two-character unit more often
         than the input does (:func:`repeats_more_than_source`), are ranked after every candidate
         that passes, so they only fill places that no passing candidate can (``None`` turns the
         guard off).
-        Returns ``[(text, score), ...]`` for one text, a list of such lists for several texts.
-        Fewer than ``k`` results come back when fewer distinct candidates were generated.
+        ``k`` defaults to ``DEFAULT_K`` (20) or ``n`` when that is smaller.
+        Returns a list of :class:`Candidate` ``(text, score)`` for one text, a list of such lists
+        for several texts. Fewer than ``k`` come back when fewer distinct candidates were generated.
         """
         items, single = _check_texts(text)
-        if not isinstance(k, int) or k <= 0:
-            raise InputError(f"k must be a positive integer, got {k!r}")
-        if isinstance(n, int) and k > n:
+        settings = self._sampling_settings(n, top_p, top_k, temperature, max_new_tokens, seed, "cache", max_rows)
+        k = min(DEFAULT_K, settings["n"]) if k is None else check_count("k", k, MAX_N)
+        if k > settings["n"]:
             raise InputError(f"k ({k}) cannot exceed n ({n}): only n candidates are generated")
-        generated = self.generate(items, n, top_p=top_p, top_k=top_k, temperature=temperature,
-                                  max_length=max_length, mask_idxs=mask_idxs, seed=seed)
-        candidates = []
-        for src, outs in zip(items, generated, strict=True):
-            norm_src = self.tokenizer.decode(self.tokenizer.encode_ids(src))
-            seen, keep = set(), []
-            for o in outs:
-                o = o.strip()
-                if o and o not in seen and o != src and o != norm_src:
-                    seen.add(o)
-                    keep.append(o)
-            candidates.append(keep)
-        flat = [t for c in candidates for t in c]
-        vecs = self.encode(items + flat, batch_size=batch_size) if flat else None
-        passes = np.ones(len(flat), dtype=bool)
-        if flat and min_fluency is not None:
-            sources = [src for src, cands in zip(items, candidates, strict=True) for _ in cands]
-            passes = self.fluency(sources, flat, batch_size=batch_size) >= min_fluency
-            passes &= np.array([not repeats_more_than_source(a, b) for a, b in zip(sources, flat, strict=True)])
-        results, offset = [], len(items)
-        for i, cands in enumerate(candidates):
-            if not cands:
-                results.append([])
-                continue
-            scores = vecs[offset:offset + len(cands)] @ vecs[i]
-            ok = passes[offset - len(items):offset - len(items) + len(cands)]
+        ids = self._source_ids(items)
+        src = self._prepare_sources(ids, mask_idxs)
+        results: list[list[Candidate]] = [[] for _ in items]
+        bar = _progress(None, len(items), show_progress_bar, "similar")
+        for chunk, rows in self._generate_chunks(src, settings):
+            ranked = self._rank(chunk, [ids[i] for i in chunk], [items[i] for i in chunk], rows,
+                                settings["n"], k, batch_size, min_fluency)
+            for i, found in zip(chunk, ranked, strict=True):
+                results[i] = found
+            bar.update(len(chunk))
+        bar.close()
+        return results[0] if single else results
+
+    def _rank(self, chunk, src_ids, texts, rows, n, k, batch_size, min_fluency) -> list[list[Candidate]]:
+        """De-duplicate each source's ``n`` rows, score them against it and keep the best ``k``."""
+        tok = self.tokenizer
+        cand_text: list[list[str]] = []
+        cand_ids: list[list[int]] = []
+        owner: list[int] = []
+        for j, source in enumerate(texts):
+            seen = {source, tok.decode(src_ids[j])}
+            cand_text.append([])
+            for r in rows[j * n:(j + 1) * n]:
+                t = tok.decode(r).strip()
+                if t and t not in seen:
+                    seen.add(t)
+                    cand_text[j].append(t)
+                    cand_ids.append(r)
+                    owner.append(j)
+        if not cand_ids:
+            return [[] for _ in chunk]
+        vecs = self._encode_ids(src_ids + cand_ids, batch_size=batch_size).numpy()
+        passes = np.ones(len(cand_ids), dtype=bool)
+        if min_fluency is not None:
+            passes = self._fluency_ids([src_ids[j] for j in owner], cand_ids, batch_size=batch_size) >= min_fluency
+            flat = [t for c in cand_text for t in c]
+            passes &= np.array([not repeats_more_than_source(texts[j], t) for j, t in zip(owner, flat, strict=True)])
+        out, offset = [], len(texts)
+        for j, cands in enumerate(cand_text):
+            scores = vecs[offset:offset + len(cands)] @ vecs[j]
+            ok = passes[offset - len(texts):offset - len(texts) + len(cands)]
             offset += len(cands)
             order = np.lexsort((-scores, ~ok))[:k]  # fluent first, then by cosine
-            results.append([(cands[j], float(scores[j])) for j in order])
-        return results[0] if single else results
+            out.append([Candidate(cands[i], float(scores[i])) for i in order])
+        return out

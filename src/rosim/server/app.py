@@ -37,6 +37,7 @@ from rosim.server.schemas import (
     EncodeResponse,
     ErrorResponse,
     Limits,
+    PairwiseResponse,
     SearchResponse,
     SimilarityResponse,
     SimilarResponse,
@@ -98,8 +99,8 @@ class _Engine:
         return [row[t] for t in texts]
 
     def similar(self, key, texts: list[str]) -> list[list[tuple[str, float]]]:
-        _, n, top_p, max_length, seed = key
-        return self.model.similar(texts, n=n, k=n, top_p=top_p, max_length=max_length,
+        _, n, top_p, max_new_tokens, seed = key
+        return self.model.similar(texts, n=n, k=n, top_p=top_p, max_new_tokens=max_new_tokens,
                                   seed=None if seed is None else seed[0])
 
     def search(self, key, items: list[tuple[str, int]]) -> list[list[tuple[str, float]]]:
@@ -368,29 +369,41 @@ def create_app(
             vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         return EncodeResponse(dim=int(vecs.shape[1]), embeddings=vecs.astype(np.float32).tolist())
 
+    async def cosines(a: list[str], b: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        unique = list(dict.fromkeys(a + b))
+        vecs = np.stack(await run(encoder, "encode", unique))
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+        row = {t: i for i, t in enumerate(unique)}
+        return vecs[[row[t] for t in a]], vecs[[row[t] for t in b]]
+
     @app.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS, dependencies=guarded,
               tags=["model"])
     async def similarity(body: req.SimilarityRequest) -> SimilarityResponse:
-        """Cosine similarity of ``a`` and ``b``: pairwise for two lists, or one string against a list."""
-        a, b = as_list(body.a), as_list(body.b)
-        vecs = np.stack(await run(encoder, "encode", a + b))
-        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        va, vb = vecs[:len(a)], vecs[len(a):]
-        if len(va) == 1 and len(vb) > 1:
-            va = np.repeat(va, len(vb), axis=0)
-        elif len(vb) == 1 and len(va) > 1:
-            vb = np.repeat(vb, len(va), axis=0)
-        scores = np.einsum("ij,ij->i", va, vb)
-        return SimilarityResponse(scores=[float(s) for s in scores])
+        """Cosine similarity of every text of ``a`` with every text of ``b``: a number for two strings,
+        a list for a string and a list, a matrix (one row per text of ``a``) for two lists."""
+        va, vb = await cosines(as_list(body.a), as_list(body.b))
+        scores = (va @ vb.T).astype(float)
+        if isinstance(body.a, str) and isinstance(body.b, str):
+            return SimilarityResponse(scores=float(scores[0, 0]))
+        if isinstance(body.a, str) or isinstance(body.b, str):
+            return SimilarityResponse(scores=(scores[0] if isinstance(body.a, str) else scores[:, 0]).tolist())
+        return SimilarityResponse(scores=scores.tolist())
+
+    @app.post("/similarity/pairwise", response_model=PairwiseResponse, responses=_ERRORS, dependencies=guarded,
+              tags=["model"])
+    async def similarity_pairwise(body: req.PairwiseRequest) -> PairwiseResponse:
+        """One cosine per pair ``(a[i], b[i])`` of two equal-length lists."""
+        va, vb = await cosines(body.a, body.b)
+        return PairwiseResponse(scores=[float(s) for s in np.einsum("ij,ij->i", va, vb)])
 
     @app.post("/similar", response_model=SimilarResponse, responses=_ERRORS, dependencies=guarded,
               tags=["model"])
     async def similar(body: req.SimilarRequest) -> SimilarResponse:
         """Generate ``n`` candidates per text, drop duplicates and copies of the input, keep the ``k`` most
-        similar. Requests with the same ``n``, ``top_p`` and ``max_length`` are generated together."""
-        texts = as_list(body.texts)
+        similar. Requests with the same ``n``, ``top_p`` and ``max_new_tokens`` are generated together."""
+        texts = body.items
         seed = None if body.seed is None else (body.seed, next(seed_ids))  # unique key: runs alone
-        key = ("similar", body.n, body.top_p, body.max_length, seed)
+        key = ("similar", body.n, body.top_p, body.max_new_tokens, seed)
         found = await run(generator, key, texts, cost=len(texts) * body.n)
         return SimilarResponse(results=[
             {"text": t, "similar": [{"text": s, "score": v} for s, v in f[:body.k]]}

@@ -12,6 +12,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from rosim.inference.sim_model import DEFAULT_K, DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TOP_P, MAX_SEED
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -19,9 +21,9 @@ class Limits:
 
     max_texts: int = 64            # texts in one request (each side of /similarity counts)
     max_text_chars: int = 512      # characters in one text (the model reads its first 62 tokens anyway)
-    max_n: int = 128               # candidates generated per text by /similar
+    max_n: int = 128               # candidates generated per text by /similar (default n is 100)
     max_gen_rows: int = 1024       # texts x n in one /similar request
-    max_gen_length: int = 64       # tokens generated per candidate
+    max_gen_length: int = 64       # tokens generated per candidate (max_new_tokens)
     max_k: int = 100               # neighbours per query from /search
     max_body_bytes: int = 1 << 20  # request body size
     max_queue: int = 256           # requests waiting for the model before 503
@@ -64,38 +66,61 @@ def build_request_models(limits: Limits) -> SimpleNamespace:
         normalize: bool = Field(True, description="L2-normalise the vectors (cosine = dot product)")
 
     class SimilarityRequest(_Strict):
-        """Cosine similarity: pairwise for two equal-length lists, or one text against each of many."""
+        """Cosine similarity of every text of ``a`` with every text of ``b`` (as ``SimModel.similarity``):
+        two strings give a number, a string and a list a list, two lists a matrix (one row per text of ``a``)."""
 
         a: Text | Texts = Field(examples=["今天天气不错"])
         b: Text | Texts = Field(examples=[["今天天气很好", "我喜欢北京"]])
 
+    class PairwiseRequest(_Strict):
+        """One cosine per pair ``(a[i], b[i])`` of two equal-length lists (as ``SimModel.similarity_pairwise``)."""
+
+        a: Texts = Field(examples=[["今天天气不错", "我喜欢北京"]])
+        b: Texts = Field(examples=[["今天天气很好", "北京是我喜欢的城市"]])
+
         @model_validator(mode="after")
         def _shapes(self):
-            if isinstance(self.a, list) and isinstance(self.b, list) and len(self.a) != len(self.b):
+            if len(self.a) != len(self.b):
                 raise ValueError(f"a and b are lists of different lengths ({len(self.a)} and {len(self.b)}); "
-                                 "give equal lengths for pairwise scores, or make one of them a single string")
+                                 "pairwise scores need equal lengths (POST /similarity compares every a with every b)")
             return self
 
     class SimilarRequest(_Strict):
-        """Generate ``n`` candidates per text, rank them by similarity to it, keep the best ``k``."""
+        """Generate ``n`` candidates per text, rank them by similarity to it, keep the best ``k``
+        (as ``SimModel.similar``, with the same defaults). Give ``text`` or ``texts``."""
 
-        texts: Text | Texts = Field(examples=["今天天气不错"])
-        n: int = Field(20, ge=1, le=limits.max_n, description="candidates generated per text")
-        k: int = Field(10, ge=1, le=limits.max_n, description="results kept per text (at most n)")
-        top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling threshold")
-        max_length: int = Field(32, ge=1, le=limits.max_gen_length, description="tokens per candidate")
-        seed: int | None = Field(None, ge=0, le=2**53 - 1,
+        text: Text | None = Field(None, examples=["今天天气不错"], description="one text (or use texts)")
+        texts: Text | Texts | None = Field(None, examples=[["今天天气不错"]], description="one text or a list")
+        n: int = Field(min(DEFAULT_N, limits.max_n), ge=1, le=limits.max_n, description="candidates generated per text")
+        k: int | None = Field(None, ge=1, le=limits.max_n,
+                              description=f"results kept per text (default {DEFAULT_K}, at most n)")
+        top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, description="nucleus sampling threshold")
+        max_new_tokens: int = Field(min(DEFAULT_MAX_NEW_TOKENS, limits.max_gen_length), ge=1,
+                                    le=limits.max_gen_length, description="tokens generated per candidate")
+        seed: int | None = Field(None, ge=0, le=MAX_SEED,
                                  description="fixes the sampling; a seeded request is never merged with others")
 
         @model_validator(mode="after")
         def _sizes(self):
+            if (self.text is None) == (self.texts is None):
+                raise ValueError("give exactly one of text (a string) or texts (a string or a list)")
+            if self.k is None:
+                self.k = min(DEFAULT_K, self.n)
             if self.k > self.n:
                 raise ValueError(f"k ({self.k}) cannot exceed n ({self.n}): only n candidates are generated")
-            count = 1 if isinstance(self.texts, str) else len(self.texts)
-            if count * self.n > limits.max_gen_rows:
-                raise ValueError(f"{count} texts x n={self.n} = {count * self.n} candidates exceeds the "
+            if self.count * self.n > limits.max_gen_rows:
+                raise ValueError(f"{self.count} texts x n={self.n} = {self.count * self.n} candidates exceeds the "
                                  f"limit of {limits.max_gen_rows} per request; lower n or send fewer texts")
             return self
+
+        @property
+        def items(self) -> list[str]:
+            value = self.text if self.text is not None else self.texts
+            return [value] if isinstance(value, str) else list(value)
+
+        @property
+        def count(self) -> int:
+            return len(self.items)
 
     class SearchRequest(_Strict):
         """Nearest neighbours of each text in the loaded index."""
@@ -104,7 +129,7 @@ def build_request_models(limits: Limits) -> SimpleNamespace:
         k: int = Field(10, ge=1, le=limits.max_k, description="neighbours per text")
 
     return SimpleNamespace(EncodeRequest=EncodeRequest, SimilarityRequest=SimilarityRequest,
-                           SimilarRequest=SimilarRequest, SearchRequest=SearchRequest)
+                           PairwiseRequest=PairwiseRequest, SimilarRequest=SimilarRequest, SearchRequest=SearchRequest)
 
 
 # ---------------------------------------------------------------------- responses
@@ -119,7 +144,12 @@ class EncodeResponse(BaseModel):
 
 
 class SimilarityResponse(BaseModel):
-    scores: list[float] = Field(description="one cosine per pair, or per text of the list side")
+    scores: float | list[float] | list[list[float]] = Field(
+        description="a number for two strings, a list for a string and a list, a matrix (rows: a) for two lists")
+
+
+class PairwiseResponse(BaseModel):
+    scores: list[float] = Field(description="one cosine per pair (a[i], b[i])")
 
 
 class SimilarItem(BaseModel):
