@@ -54,7 +54,7 @@ def output_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_symlink():
         target = path.resolve()
-        if target.exists() and not target.is_file():
+        if (target.exists() or path.exists()) and not path.is_file():  # path.*: through the link (/dev/stdout)
             raise InputError(f"{path} links to {target}, which is not a regular file: refusing to replace it; "
                              "write to a regular file")
         path = target
