@@ -49,3 +49,14 @@ def timed(fn, repeats: int) -> tuple[float, object]:
 
 def emit(record: dict) -> None:
     print(json.dumps(record, ensure_ascii=False))
+
+
+def generate_ids(sim, text: str, n: int, *, strategy: str, max_new: int, seed: int = 0,
+                 top_p: float = 0.95) -> list[list[int]]:
+    """Token ids of ``n`` samples for ``text``: the call ``similar`` makes, ids so tokens count exactly.
+    Works on this checkout and on older ones (``PYTHONPATH=OLD/src``) whose private API differed."""
+    if hasattr(sim, "_sampling_settings"):
+        settings = sim._sampling_settings(n, top_p, None, 1.0, max_new, seed, strategy, 1 << 20)
+        return sim._generate_ids(sim._prepare_sources(sim._source_ids([text]), None), n, settings)
+    return sim._generate_ids([text], n, strategy=strategy, top_p=top_p, top_k=None, temperature=1.0,
+                             max_new=max_new, mask_idxs=None, seed=seed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, small_model, timed  # noqa: E402
+from _common import emit, generate_ids, small_model, timed  # noqa: E402
 
 TEXTS = {"short": "广州和深圳哪个好？", "long": "我昨天在网上买的衣服到现在还没有发货，请问什么时候能送到？"}
 
@@ -65,13 +65,12 @@ def main() -> None:
         sim.model.float()
         for tname, text in TEXTS.items():
             max_new = 32 if mname == "default" else (12 if args.quick else 24)
-            kw = dict(top_p=0.95, top_k=None, temperature=1.0, max_new=max_new, mask_idxs=None, seed=0)
 
-            def cached(sim=sim, text=text, kw=kw):
-                return sim._generate_ids([text], args.n, strategy="cache", **kw)
+            def cached(sim=sim, text=text, max_new=max_new):
+                return generate_ids(sim, text, args.n, strategy="cache", max_new=max_new)
 
-            def recompute(sim=sim, text=text, kw=kw):
-                return sim._generate_ids([text], args.n, strategy="recompute", **kw)
+            def recompute(sim=sim, text=text, max_new=max_new):
+                return generate_ids(sim, text, args.n, strategy="recompute", max_new=max_new)
 
             cached()
             t_c, out = timed(cached, repeats)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import emit, small_model, timed  # noqa: E402
+from _common import emit, generate_ids, small_model, timed  # noqa: E402
 
 TEXT = "广州和深圳哪个好？"
 
@@ -40,13 +40,11 @@ def main() -> None:
     model, tok = small_model()
     sim = SimModel(model, tok)
 
-    kw = dict(top_p=0.95, top_k=None, temperature=1.0, max_new=max_new, mask_idxs=None, seed=0)
-
     def ours():  # the same call `similar` makes, returning token ids so that tokens are counted exactly
-        return sim._generate_ids([TEXT], n, strategy="cache", **kw)
+        return generate_ids(sim, TEXT, n, strategy="cache", max_new=max_new)
 
     def recompute():
-        return sim._generate_ids([TEXT], n, strategy="recompute", **kw)
+        return generate_ids(sim, TEXT, n, strategy="recompute", max_new=max_new)
 
     ours()  # warm-up
     t_ours, out_ours = timed(ours, repeats)
