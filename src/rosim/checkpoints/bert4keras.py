@@ -111,12 +111,11 @@ def import_bert4keras(
     path = Path(path)
     if not path.exists() and not Path(f"{path}.index").is_file():
         raise CheckpointError(f"bert4keras checkpoint not found: {path}")
-    prefix = resolve_prefix(path)
-    directory = prefix.parent
-    ckpt = TFCheckpoint(prefix)
-    source = str(prefix)
+    ckpt, directory, source, kind = open_variables(path)
 
-    cfg_path = _find_file(directory, ("bert_config.json", "config.json"), "the model config (bert_config.json)")
+    cfg_path = _find_file(directory, ("bert_config.json", "config.json"), "the model config (bert_config.json)"
+                          + ("; Keras save_weights files hold weights only: put the bert_config.json and vocab.txt "
+                             "of the model you trained beside them" if kind != "release" else ""))
     try:
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -163,6 +162,9 @@ def import_bert4keras(
             "it randomly on purpose."
         )
     config.extra = {**config.extra, "imported_from": "bert4keras", "bert4keras_model": model}
+    if kind != "release":
+        config.extra["bert4keras_file"] = kind
+        notes.append(f"read Keras save_weights ({kind}) by bert4keras layer names")
 
     names = tf_names(config)
     wanted = {tf: ours for ours, (tf, _) in names.items()}
@@ -172,7 +174,7 @@ def import_bert4keras(
         if "bert/embeddings/position_embeddings" in unexpected:
             hint = " (a position table means a BERT checkpoint: use model='bert'; CLI: --model bert)"
         raise CheckpointError(f"{source}: unexpected variables {unexpected}{hint}")
-    ignored = [n for n in ckpt.names() if n not in wanted]
+    ignored = [n for n in ckpt.names() if n not in wanted] + list(getattr(ckpt, "ignored", []))
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in RoFormerSim(config).state_dict().items()}
@@ -205,6 +207,27 @@ def import_bert4keras(
     report.ignored = sorted(set(report.ignored) | set(ignored))
     report.notes = [*report.notes, *notes]
     return result.eval(), tokenizer, report
+
+
+def open_variables(path: Path):
+    """``(variables, directory, source, kind)`` for a release checkpoint (``kind`` "release") or a
+    Keras ``save_weights`` file ("TF format" or "HDF5"), the variables under the release names."""
+    from rosim.checkpoints.keras_weights import KerasWeights, is_hdf5
+
+    if path.is_dir():
+        h5 = sorted(p for p in path.iterdir() if p.suffix in (".h5", ".hdf5") and is_hdf5(p))
+        if h5 and not any(path.glob("*.index")):
+            if len(h5) > 1:
+                raise CheckpointError(f"{path}: several HDF5 files {[p.name for p in h5]}; name one")
+            path = h5[0]
+    if is_hdf5(path):
+        weights = KerasWeights(path)
+        return weights, path.parent, str(path), "HDF5"
+    prefix = resolve_prefix(path)
+    ckpt = TFCheckpoint(prefix)
+    if any(n.startswith("layer_with_weights-") for n in ckpt.names()):
+        return KerasWeights(prefix), prefix.parent, str(prefix), "TF format"
+    return ckpt, prefix.parent, str(prefix), "release"
 
 
 def _allowed(name: str, prefixes: tuple[str, ...]) -> bool:

