@@ -11,6 +11,9 @@ import numpy as np
 import torch
 
 from rosim.errors import CheckpointError, InputError
+from rosim.inference.common import POOLINGS, Pooling, check_not_blank, cosine_similarity
+from rosim.inference.common import check_texts as _check_texts
+from rosim.inference.common import progress as _progress
 from rosim.inference.sampling import check_sampling_args, filter_logits, sample, sample_top_p
 from rosim.modeling.model import KVCache, RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
@@ -33,30 +36,7 @@ def repeats_more_than_source(source: str, candidate: str) -> bool:
     src = counts(source.lower())
     return any(c >= 2 and c > src.get(g, 0) for g, c in counts(candidate.lower()).items())
 
-Pooling = Literal["pooler", "cls", "mean", "first-last-mean"]
-POOLINGS = ("pooler", "cls", "mean", "first-last-mean")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-
-
-def _progress(iterable, total: int, enabled: bool | None, desc: str):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > 1
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
-
-
-def _check_texts(texts: str | Sequence[str]) -> tuple[list[str], bool]:
-    single = isinstance(texts, str)
-    items = [texts] if single else list(texts)
-    if not items:
-        raise InputError("no texts given")
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise InputError(f"text {i} is a {type(t).__name__}, expected str")
-    return items, single
 
 
 class SimModel:
@@ -138,9 +118,7 @@ class SimModel:
 
     # ------------------------------------------------------------------ encoding
     def _source_ids(self, texts: list[str]) -> list[list[int]]:
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise InputError(f"text {i} is empty or whitespace only")
+        check_not_blank(texts)
         return self.tokenizer.encode_batch_ids(texts)
 
     @torch.no_grad()
@@ -192,15 +170,7 @@ class SimModel:
         b_items, b_single = _check_texts(b)
         va = self.encode(a_items, batch_size=batch_size)
         vb = self.encode(b_items, batch_size=batch_size)
-        if a_single and b_single:
-            return float(va[0] @ vb[0])
-        if pairwise is None:
-            pairwise = len(a_items) == len(b_items)
-        if pairwise:
-            if len(a_items) != len(b_items):
-                raise InputError(f"pairwise similarity needs equal lengths, got {len(a_items)} and {len(b_items)}")
-            return np.einsum("ij,ij->i", va, vb)
-        return va @ vb.T
+        return cosine_similarity(va, vb, a_single=a_single, b_single=b_single, pairwise=pairwise)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
