@@ -18,10 +18,12 @@ def progress(iterable, total: int, enabled: bool | None, desc: str):
     """tqdm over ``iterable``; ``enabled=None`` shows it only on a terminal and for more than one step."""
     import sys
 
-    from tqdm.auto import tqdm
-
     if enabled is None:
         enabled = sys.stderr.isatty() and total > 1
+    if not enabled:
+        return iterable  # tqdm.auto costs ~0.1 s to import (asyncio); a short-lived `rosim sim` skips it
+    from tqdm.auto import tqdm
+
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
 
 

@@ -125,7 +125,7 @@ def export_onnx(
     per_channel: bool = True,
     opset: int = DEFAULT_OPSET,
     atol: float = 1e-4,
-    int8_min_cosine: float = 0.99,
+    int8_min_cosine: float = 0.98,
     overwrite: bool = False,
     source_dir: str | os.PathLike | None = None,
     verify_texts: tuple[str, ...] | list[str] = VERIFY_TEXTS,
