@@ -204,14 +204,21 @@ def test_bad_manifests(copy_of, tmp_path):
         OnnxEncoder(tmp_path / "missing")
 
 
-def test_onnx_path_never_imports_torch(exported):
-    """The point of the backend for a short-lived process: no `import torch` (~2 s)."""
+def test_onnx_path_never_imports_torch(exported, tmp_path):
+    """The point of the backend for a short-lived process: no `import torch` (~2 s), in sim, encode,
+    index build and search."""
     _, out, _ = exported
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    m, idx = str(out), str(tmp_path / "idx")
     code = (
         "import sys\n"
         "from rosim.cli import main\n"
-        f"rc = main(['sim', '今天天气不错', '今天天气很好', '--model', {str(out)!r}, '--backend', 'onnx'])\n"
-        f"rc |= main(['sim', '今天天气不错', '我喜欢北京', '--model', {str(out)!r}])\n"
+        f"rc = main(['sim', '今天天气不错', '今天天气很好', '--model', {m!r}, '--backend', 'onnx'])\n"
+        f"rc |= main(['sim', '今天天气不错', '我喜欢北京', '--model', {m!r}])\n"
+        f"rc |= main(['encode', {str(corpus)!r}, '-o', {str(tmp_path / 'v.npy')!r}, '--model', {m!r}, '-q'])\n"
+        f"rc |= main(['index', 'build', {str(corpus)!r}, '-o', {idx!r}, '--model', {m!r}, '-q'])\n"
+        f"rc |= main(['search', {idx!r}, '我喜欢北京', '-k', '1', '--model', {m!r}, '--backend', 'onnx'])\n"
         "import rosim\n"
         "assert rc == 0, rc\n"
         "loaded = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
@@ -222,5 +229,6 @@ def test_onnx_path_never_imports_torch(exported):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
-    assert len(lines) == 3 and lines[-1] == "TORCH []", res.stdout
+    assert len(lines) == 4 and lines[-1] == "TORCH []", res.stdout
     float(lines[0]), float(lines[1])
+    assert lines[2].endswith("\t我喜欢北京")

@@ -138,7 +138,7 @@ def export_onnx(
     sentence vector or an unusable ``out``, :class:`ExportVerificationError` when the ONNX model
     does not reproduce the PyTorch model (then nothing is written).
     """
-    from rosim.checkpoints.io import atomic_directory
+    from rosim.textio import atomic_directory
 
     model = sim.model
     if not model.has_sentence_vector:
