@@ -12,7 +12,10 @@ background load hits them alike; medians of the repeats. Latency: the median tim
 sentence per call (1 thread), as a server answering single queries or `rosim sim` does. STS-B test Spearman comes from
 ``rosim.evaluation.evaluate`` (the code behind `rosim eval`) for each backend. Process wall time of
 `rosim sim "今天天气不错" "今天天气很好"` per backend: median of fresh processes.
-The load average at start and end is printed: ratios are meaningful only on a quiet machine.
+The load average at start and end is printed: wall-clock ratios are meaningful only on a quiet
+machine. On a busy one, read the CPU-time figures: with one intra-op thread both torch and ONNX
+Runtime compute in the calling thread, so its CPU time (``time.thread_time``) leaves out the time
+spent waiting for a core; the same for the `rosim sim` processes (user + system time of the child).
 
     python benchmarks/onnx_encode.py --quick      # < 60 s on 2 quiet cores with --export DIR reused
     python benchmarks/onnx_encode.py              # 1,000 sentences, 3 repeats, full STS-B test
@@ -24,6 +27,7 @@ import argparse
 import dataclasses
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,18 +64,22 @@ def ensure_export(directory: Path | None) -> tuple[Path, float | None]:
     return directory, time.perf_counter() - t0
 
 
-def sim_process_seconds(argv: list[str], repeats: int) -> float:
+def sim_process_seconds(argv: list[str], repeats: int) -> tuple[float, float]:
+    """Median wall time and CPU time (user + system, all threads) of fresh `rosim sim` processes."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, "-c", "import sys; from rosim.cli import main; sys.exit(main())", "sim",
            "今天天气不错", "今天天气很好", *argv]  # exactly what the `rosim` console script runs
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         times.append(time.perf_counter() - t0)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
         if res.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed: {res.stderr.strip()}")
-    return statistics.median(times)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def main() -> None:
@@ -98,23 +106,27 @@ def main() -> None:
     texts = list(dict.fromkeys(sts_sentences()))[:n]
     sim = SimModel.default()
     results: dict[str, dict[int, float]] = {"torch_fp32": {}, "onnx_fp32": {}, "onnx_int8": {}}
-    checks, single_ms = {}, {}
+    checks, single_ms, per_cpu_s = {}, {}, {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
         encoders = {"torch_fp32": sim,
                     "onnx_fp32": OnnxEncoder(export_dir, precision="fp32", threads=threads),
                     "onnx_int8": OnnxEncoder(export_dir, precision="int8", threads=threads)}
         times: dict[str, list[float]] = {k: [] for k in encoders}
+        cpu: dict[str, list[float]] = {k: [] for k in encoders}
         vectors = {}
         for enc in encoders.values():  # warm-up: first-call allocations and ORT's prepacking
             enc.encode(texts[:args.batch_size], batch_size=args.batch_size)
         for _ in range(repeats):
             for name, enc in encoders.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 vectors[name] = enc.encode(texts, batch_size=args.batch_size)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.thread_time() - c0)
         for name in encoders:
             results[name][threads] = len(texts) / statistics.median(times[name])
+            if threads == 1:  # one thread computes in the caller's thread: its CPU time ignores the wait for a core
+                per_cpu_s[name] = len(texts) / statistics.median(cpu[name])
         if threads == 1:  # latency: one sentence per call (a server's single queries, `rosim sim`)
             for name, enc in encoders.items():
                 one = []
@@ -163,13 +175,17 @@ def main() -> None:
         **{f"{name}_per_s_{t}t": round(v, 1) for name, per in results.items() for t, v in per.items()},
         **{f"ratio_{name}_vs_torch_{t}t": round(results[name][t] / results["torch_fp32"][t], 2)
            for name in ("onnx_fp32", "onnx_int8") for t in (1, 2)},
+        **{f"{name}_per_cpu_s_1t": round(v, 1) for name, v in per_cpu_s.items()},
+        **{f"ratio_{name}_vs_torch_cpu_1t": round(per_cpu_s[name] / per_cpu_s["torch_fp32"], 2)
+           for name in ("onnx_fp32", "onnx_int8")},
         **{f"{name}_single_ms_1t": round(v, 2) for name, v in single_ms.items()},
         **{f"ratio_{name}_vs_torch_single_1t": round(single_ms["torch_fp32"] / single_ms[name], 2)
            for name in ("onnx_fp32", "onnx_int8")},
         "vectors": checks,
         "stsb_test_spearman": spearman,
         "stsb_pairs": None if spearman is None else (300 if args.quick else 1361),
-        "sim_process_s": {k: round(v, 3) for k, v in process_s.items()},
+        "sim_process_s": {k: round(v[0], 3) for k, v in process_s.items()},
+        "sim_process_cpu_s": {k: round(v[1], 3) for k, v in process_s.items()},
         "export_s": None if export_s is None else round(export_s, 1),
         "load_avg_start": load_start,
         "load_avg_end": load_avg(),
