@@ -17,7 +17,8 @@ machine. On a busy one, read the CPU-time figures: with one intra-op thread both
 Runtime compute in the calling thread, so its CPU time (``time.thread_time``) leaves out the time
 spent waiting for a core; the same for the `rosim sim` processes (user + system time of the child).
 
-    python benchmarks/onnx_encode.py --quick      # < 60 s on 2 quiet cores with --export DIR reused
+    python benchmarks/onnx_encode.py --quick --export DIR   # 200 sentences, 200 STS-B pairs; about a minute
+                                                             # on 2 quiet cores once DIR holds the export
     python benchmarks/onnx_encode.py              # 1,000 sentences, 3 repeats, full STS-B test
 """
 
@@ -94,7 +95,7 @@ def main() -> None:
     args = ap.parse_args()
     n = args.sentences or (200 if args.quick else 1000)
     repeats = args.repeats or (1 if args.quick else 3)
-    args.single = args.single or (30 if args.quick else 100)
+    args.single = args.single or (20 if args.quick else 100)
     load_start = load_avg()
 
     import torch
@@ -150,8 +151,8 @@ def main() -> None:
         torch.set_num_threads(2)
         data = read_sts(STSB_TEST)
         if args.quick:
-            data = dataclasses.replace(data, texts_a=data.texts_a[:300], texts_b=data.texts_b[:300],
-                                       labels=data.labels[:300], line_numbers=data.line_numbers[:300])
+            data = dataclasses.replace(data, texts_a=data.texts_a[:200], texts_b=data.texts_b[:200],
+                                       labels=data.labels[:200], line_numbers=data.line_numbers[:200])
         spearman = {}
         for name, enc in (("torch_fp32", sim), ("onnx_fp32", OnnxEncoder(export_dir, threads=2)),
                           ("onnx_int8", OnnxEncoder(export_dir, precision="int8", threads=2))):
@@ -160,7 +161,7 @@ def main() -> None:
             spearman[name] = round(float(res[0].spearman), 2)
         print(f"STS-B test Spearman x100: {spearman}", file=sys.stderr)
 
-    proc_repeats = 3 if args.quick else 5
+    proc_repeats = 2 if args.quick else 5
     process_s = {
         "torch": sim_process_seconds([], proc_repeats),
         "onnx": sim_process_seconds(["--model", str(export_dir), "--backend", "onnx"], proc_repeats),
@@ -183,7 +184,7 @@ def main() -> None:
            for name in ("onnx_fp32", "onnx_int8")},
         "vectors": checks,
         "stsb_test_spearman": spearman,
-        "stsb_pairs": None if spearman is None else (300 if args.quick else 1361),
+        "stsb_pairs": None if spearman is None else (200 if args.quick else 1361),
         "sim_process_s": {k: round(v[0], 3) for k, v in process_s.items()},
         "sim_process_cpu_s": {k: round(v[1], 3) for k, v in process_s.items()},
         "export_s": None if export_s is None else round(export_s, 1),
