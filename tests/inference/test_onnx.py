@@ -232,3 +232,13 @@ def test_onnx_path_never_imports_torch(exported, tmp_path):
     assert len(lines) == 4 and lines[-1] == "TORCH []", res.stdout
     float(lines[0]), float(lines[1])
     assert lines[2].endswith("\t我喜欢北京")
+
+
+def test_export_of_a_half_precision_model_leaves_it_untouched(tmp_path):
+    import torch
+
+    sim = sim_model(seed=4)
+    sim.model.to(torch.bfloat16)
+    manifest = export_onnx(sim, tmp_path / "m", int8=False)  # exported from an fp32 CPU copy
+    assert manifest["verification"]["fp32_max_abs_diff"] <= 1e-4
+    assert {p.dtype for p in sim.model.parameters()} == {torch.bfloat16}

@@ -159,7 +159,11 @@ def export_onnx(
     out = Path(out)
     _check_out_dir(out, None if source_dir is None else Path(source_dir), overwrite)
 
-    module = SentenceVectorModule(model).to("cpu").float().eval()
+    if model.device.type != "cpu" or any(p.dtype != torch.float32 for p in model.parameters()):
+        import copy
+
+        model = copy.deepcopy(model).to("cpu").float()  # export a CPU fp32 copy; the caller's model is untouched
+    module = SentenceVectorModule(model).eval()
     ref, arrays = _torch_vectors(module, sim, verify_texts)
     example = (torch.from_numpy(arrays[-1]["input_ids"]), torch.from_numpy(arrays[-1]["attention_mask"]))
     options = ort.SessionOptions()
