@@ -242,3 +242,9 @@ def test_export_of_a_half_precision_model_leaves_it_untouched(tmp_path):
     manifest = export_onnx(sim, tmp_path / "m", int8=False)  # exported from an fp32 CPU copy
     assert manifest["verification"]["fp32_max_abs_diff"] <= 1e-4
     assert {p.dtype for p in sim.model.parameters()} == {torch.bfloat16}
+
+
+def test_missing_onnxruntime_says_what_to_install(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(InputError, match=r"pip install 'rosim\[onnx\]'"):
+        OnnxEncoder(exported[1])

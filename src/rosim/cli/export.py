@@ -16,7 +16,7 @@ export_app = typer.Typer(help="Export a model for deployment.", no_args_is_help=
 def export_onnx_command(
     model_dir: Annotated[str, typer.Argument(metavar="MODEL_DIR",
                                              help="rosim checkpoint directory, or 'default' for the embedded model")],
-    out: Annotated[Path, typer.Argument(help="directory to write (model.onnx, model.int8.onnx, vocab, manifest)")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="directory to write (model.onnx, model.int8.onnx, vocab, manifest)")],
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="also write model.int8.onnx (int8 weights)")] = True,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor",
                                               help="int8 scales per output channel or per tensor")] = True,
