@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,35 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_directory(target: str | os.PathLike):
+    """Context manager yielding a temporary directory renamed to ``target`` on success.
+
+    Torch-free (indexes and ONNX exports use it too); re-exported by :mod:`rosim.checkpoints.io`.
+    """
+
+    @contextlib.contextmanager
+    def _cm():
+        target_path = Path(target)
+        target_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.tmp-", dir=target_path.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is as readable as any other directory
+        try:
+            yield tmp
+            backup = None
+            if target_path.exists():
+                if not target_path.is_dir():
+                    raise InputError(f"{target_path} exists and is not a directory")
+                backup = target_path.with_name(f".{target_path.name}.old-{os.getpid()}")
+                os.replace(target_path, backup)
+            os.replace(tmp, target_path)
+            if backup is not None:
+                shutil.rmtree(backup, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    return _cm()

@@ -32,7 +32,7 @@ def _register() -> None:
     _registered = True
     import importlib
 
-    for area in ("model", "inference", "retrieval", "closed_forms", "training", "univae", "server"):
+    for area in ("model", "inference", "export", "retrieval", "closed_forms", "training", "univae", "server"):
         try:
             module = importlib.import_module(f"rosim.cli.{area}")
         except ModuleNotFoundError as exc:  # an area not built yet

@@ -13,12 +13,49 @@ from rosim.errors import InputError
 from rosim.textio import output_path
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="rosim checkpoint directory (default: the embedded model)")]
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8")
+BackendOpt = Annotated[str, typer.Option(
+    "--backend", help="torch, onnx (ONNX Runtime, fp32) or onnx-int8 (int8 weights); auto: onnx when --model is a "
+    "directory made by `rosim export onnx`, else torch")]
 
 
 def load_model(model: Path | None):
     from rosim.inference.sim_model import SimModel
 
     return SimModel.load(model)
+
+
+def load_encoder(model: Path | None, backend: str = "auto", *, device: str | None = None):
+    """A sentence encoder for ``--model`` on ``--backend``: a SimModel (torch) or an OnnxEncoder.
+
+    The ONNX path never imports torch (a process that only encodes starts in a fraction of the time).
+    """
+    from rosim.inference.onnx_backend import MANIFEST_NAME
+
+    if backend not in BACKENDS:
+        raise InputError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    is_export = model is not None and (model / MANIFEST_NAME).is_file()
+    if backend == "auto":
+        backend = "onnx" if is_export else "torch"
+    if backend == "torch":
+        if is_export and not (model / "model.safetensors").is_file():
+            raise InputError(f"{model} is an ONNX export (made by `rosim export onnx`): use --backend onnx or "
+                             "onnx-int8, or pass the PyTorch checkpoint it was exported from")
+        from rosim.inference.sim_model import SimModel
+
+        if device is None:
+            return SimModel.load(model)
+        from rosim.training.trainer import resolve_device
+
+        return SimModel.load(model, device=resolve_device(device))
+    if model is None:
+        raise InputError(f"--backend {backend} needs --model DIR, a directory made by `rosim export onnx MODEL_DIR "
+                         "OUT` (no ONNX model is embedded in the package)")
+    if device not in (None, "auto", "cpu"):
+        raise InputError(f"--backend {backend} runs on the CPU; --device {device} applies to --backend torch only")
+    from rosim.inference.onnx_backend import OnnxEncoder
+
+    return OnnxEncoder(model, precision="int8" if backend == "onnx-int8" else "fp32")
 
 
 def similar(
@@ -158,9 +195,10 @@ def sim(
     text_a: Annotated[str, typer.Argument()],
     text_b: Annotated[str, typer.Argument()],
     model: ModelOpt = None,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Cosine similarity of two sentences."""
-    typer.echo(f"{load_model(model).similarity(text_a, text_b):.4f}")
+    typer.echo(f"{load_encoder(model, backend).similarity(text_a, text_b):.4f}")
 
 
 def encode(
@@ -171,14 +209,16 @@ def encode(
     pooling: Annotated[str, typer.Option(help="pooler|cls|mean|first-last-mean")] = "pooler",
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="keep raw (unnormalised) vectors")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Encode every line of FILE into sentence vectors saved as a NumPy .npy file."""
     import numpy as np
 
-    from rosim.textio import atomic_write, read_lines
+    from rosim.textio import atomic_write, output_path, read_lines
 
+    output_path(output)  # refuse a directory or device before the work
     texts = read_lines(file)
-    vecs = load_model(model).encode(texts, batch_size=batch_size, pooling=pooling, normalize=not no_normalize,
+    vecs = load_encoder(model, backend).encode(texts, batch_size=batch_size, pooling=pooling, normalize=not no_normalize,
                                     show_progress_bar=None if not quiet else False)
     with atomic_write(output, "wb") as f:
         np.save(f, vecs.astype(np.float32))

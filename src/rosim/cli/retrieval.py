@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from rosim.cli.inference import BackendOpt, load_encoder
 from rosim.errors import InputError
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="rosim checkpoint directory (default: the embedded model)")]
@@ -19,17 +20,16 @@ def _progress(quiet: bool) -> bool | None:
     return False if quiet else None  # None: shown on a terminal only
 
 
-def _load_encoder(model: Path | None, teacher: str | None, device: str = "cpu"):
+def _load_encoder(model: Path | None, teacher: str | None, device: str = "cpu", backend: str = "auto"):
     if model is not None and teacher is not None:
         raise InputError("give either --model or --teacher, not both")
     if teacher is not None:
+        if backend not in ("auto", "torch"):
+            raise InputError(f"--backend {backend} applies to rosim models, not to --teacher {teacher}")
         from rosim.evaluation.teachers import load_teacher
 
         return load_teacher(teacher)
-    from rosim.inference.sim_model import SimModel
-    from rosim.training.trainer import resolve_device
-
-    return SimModel.load(model, device=resolve_device(device))
+    return load_encoder(model, backend, device=device)
 
 
 def _split_list(value: str, option: str) -> list[str]:
@@ -43,19 +43,22 @@ def _split_list(value: str, option: str) -> list[str]:
 index_app = typer.Typer(help="Build, extend and inspect a persistent vector index.", no_args_is_help=True)
 
 
-def _encoder_for_index(index, model: Path | None, teacher: str | None):
+def _encoder_for_index(index, model: Path | None, teacher: str | None, backend: str = "auto"):
     """The encoder to use with a loaded ``index``: the one given, else the one that built it."""
     if model is not None or teacher is not None:
-        return _load_encoder(model, teacher)
+        return _load_encoder(model, teacher, backend=backend)
     ident = index.encoder_identity or {}
     if ident.get("teacher"):
-        return _load_encoder(None, ident["teacher"])
+        return _load_encoder(None, ident["teacher"], backend=backend)
+    if backend in ("onnx", "onnx-int8"):
+        raise InputError(f"--backend {backend} needs --model DIR: the ONNX export (`rosim export onnx`) of the "
+                         f"model that built the index ({ident.get('name')!r})")
     name = ident.get("name")
     if name and name != "rosim-default":
         if Path(name).is_dir():
-            return _load_encoder(Path(name), None)
+            return _load_encoder(Path(name), None, backend=backend)
         raise InputError(f"the index was built with the model {name!r}, which is not here; pass --model DIR")
-    return _load_encoder(None, None)
+    return _load_encoder(None, None, backend=backend)
 
 
 @index_app.command("build")
@@ -72,6 +75,7 @@ def index_build(
     ef_search: Annotated[int, typer.Option(help="HNSW candidates explored per query")] = 64,
     batch_size: Annotated[int, typer.Option(help="sentences per forward pass")] = 64,
     quiet: QuietOpt = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Encode every line of CORPUS (streamed in chunks) into a new index directory."""
     from rosim.index import VectorIndex
@@ -84,7 +88,7 @@ def index_build(
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "meta.json").is_file())):
         raise InputError(f"{output} exists and is not a rosim index; choose a new directory")
-    encoder = _load_encoder(model, teacher)
+    encoder = _load_encoder(model, teacher, backend=backend)
     index = VectorIndex.from_file(encoder, corpus, kind=approx or "exact", pooling=pooling, batch_size=batch_size,
                                   show_progress_bar=_progress(quiet), nlist=nlist, nprobe=nprobe,
                                   hnsw_m=hnsw_m, ef_search=ef_search)
@@ -101,13 +105,14 @@ def index_add(
     teacher: TeacherOpt = None,
     batch_size: Annotated[int, typer.Option(help="sentences per forward pass")] = 64,
     quiet: QuietOpt = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Encode every line of CORPUS and add it to an existing index (rewritten atomically)."""
     from rosim.index import VectorIndex
     from rosim.textio import iter_lines
 
     index = VectorIndex.load(directory)
-    encoder = _encoder_for_index(index, model, teacher)
+    encoder = _encoder_for_index(index, model, teacher, backend)
     index.check_encoder(encoder)
     total = sum(1 for _ in iter_lines(corpus))
     if total == 0:
@@ -138,6 +143,7 @@ def search(
     file: Annotated[Path | None, typer.Option("--file", "-f", help="read queries from this UTF-8 file, one per line")] = None,
     nprobe: Annotated[int | None, typer.Option(help="IVF cells scanned per query (overrides the index)")] = None,
     ef_search: Annotated[int | None, typer.Option(help="HNSW candidates per query (overrides the index)")] = None,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Find the K stored sentences closest (cosine) to each query."""
     from rosim.index import VectorIndex
@@ -155,7 +161,7 @@ def search(
         if value is not None and value <= 0:
             raise InputError(f"{name} must be positive, got {value}")
     index = VectorIndex.load(directory)
-    encoder = _encoder_for_index(index, model, teacher)
+    encoder = _encoder_for_index(index, model, teacher, backend)
     index.check_encoder(encoder)
     if nprobe is not None:
         index.nprobe = nprobe
@@ -188,6 +194,7 @@ def eval_command(
     plot: Annotated[Path | None, typer.Option(help="also write a PNG of cosine distributions by label")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="also write the JSON results to this file")] = None,
     quiet: QuietOpt = False,
+    backend: BackendOpt = "auto",
 ) -> None:
     """Spearman x 100 between the cosine of sentence vectors and the gold labels, per file."""
     from rosim.evaluation import POOLINGS, evaluate, format_table, parse_whiten, plot_results, results_json
@@ -208,7 +215,7 @@ def eval_command(
     if plot is not None and plot.suffix.lower() != ".png":
         raise InputError(f"--plot writes a PNG; give a path ending in .png, got {plot}")
     datasets = [read_sts(f) for f in files]  # check every file before loading a model
-    encoder = _load_encoder(model, teacher, device)
+    encoder = _load_encoder(model, teacher, device, backend)
     results = evaluate(encoder, datasets, poolings=poolings, whitens=whitens, batch_size=batch_size,
                        show_progress_bar=_progress(quiet))
     if as_json:

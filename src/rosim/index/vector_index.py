@@ -394,7 +394,7 @@ class VectorIndex:
 
         An existing directory is replaced only if it is a rosim index (or empty).
         """
-        from rosim.checkpoints.io import atomic_directory
+        from rosim.textio import atomic_directory
 
         if self.ntotal == 0:
             raise InputError("nothing to save: the index is empty")

@@ -11,6 +11,10 @@ import numpy as np
 import torch
 
 from rosim.errors import CheckpointError, InputError
+from rosim.inference import common
+from rosim.inference.common import POOLINGS, Pooling, check_not_blank
+from rosim.inference.common import check_texts as _check_texts
+from rosim.inference.common import progress as _progress
 from rosim.inference.sampling import check_sampling_args, filter_logits, sample, sample_top_p
 from rosim.modeling.model import KVCache, RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
@@ -67,30 +71,7 @@ def repeats_more_than_source(source: str, candidate: str) -> bool:
     src = counts(source.lower())
     return any(c >= 2 and c > src.get(g, 0) for g, c in counts(candidate.lower()).items())
 
-Pooling = Literal["pooler", "cls", "mean", "first-last-mean"]
-POOLINGS = ("pooler", "cls", "mean", "first-last-mean")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "default_model"
-
-
-def _progress(iterable, total: int, enabled: bool | None, desc: str):
-    import sys
-
-    from tqdm.auto import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > 1
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
-
-
-def _check_texts(texts: str | Sequence[str]) -> tuple[list[str], bool]:
-    single = isinstance(texts, str)
-    items = [texts] if single else list(texts)
-    if not items:
-        raise InputError("no texts given")
-    for i, t in enumerate(items):
-        if not isinstance(t, str):
-            raise InputError(f"text {i} is a {type(t).__name__}, expected str")
-    return items, single
 
 
 class SimModel:
@@ -172,9 +153,7 @@ class SimModel:
 
     # ------------------------------------------------------------------ encoding
     def _source_ids(self, texts: list[str]) -> list[list[int]]:
-        for i, t in enumerate(texts):
-            if not t.strip():
-                raise InputError(f"text {i} is empty or whitespace only")
+        check_not_blank(texts)
         return self.tokenizer.encode_batch_ids(texts)
 
     def encode(self, texts: str | Sequence[str], *, batch_size: int = 64, normalize: bool = True,
@@ -228,32 +207,11 @@ class SimModel:
         ``(list, str)`` → ``(len(a),)``, ``(list, list)`` → ``(len(a), len(b))`` matrix.
         Texts shared by ``a`` and ``b`` are encoded once. For one score per pair of two equal-length
         lists use :meth:`similarity_pairwise`."""
-        a_items, a_single = _check_texts(a)
-        b_items, b_single = _check_texts(b)
-        va, vb = self._encode_both(a_items, b_items, batch_size)
-        scores = va @ vb.T
-        if a_single and b_single:
-            return float(scores[0, 0])
-        if a_single or b_single:
-            return scores[0] if a_single else scores[:, 0]
-        return scores
+        return common.similarity(self.encode, a, b, batch_size=batch_size)
 
     def similarity_pairwise(self, a: Sequence[str], b: Sequence[str], *, batch_size: int = 64) -> np.ndarray:
         """Cosine of ``a[i]`` with ``b[i]`` for two lists of equal length: a vector ``(len(a),)``."""
-        if isinstance(a, str) or isinstance(b, str):
-            raise InputError("similarity_pairwise takes two lists of texts; for two strings use similarity(a, b)")
-        a_items, _ = _check_texts(a)
-        b_items, _ = _check_texts(b)
-        if len(a_items) != len(b_items):
-            raise InputError(f"pairwise similarity needs two lists of equal length, got {len(a_items)} and {len(b_items)}")
-        va, vb = self._encode_both(a_items, b_items, batch_size)
-        return np.einsum("ij,ij->i", va, vb)
-
-    def _encode_both(self, a: list[str], b: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        unique = list(dict.fromkeys(a + b))
-        vecs = self.encode(unique, batch_size=batch_size)
-        row = {t: i for i, t in enumerate(unique)}
-        return vecs[[row[t] for t in a]], vecs[[row[t] for t in b]]
+        return common.similarity_pairwise(self.encode, a, b, batch_size=batch_size)
 
     # ------------------------------------------------------------------ generation
     def generate(self, text: str | Sequence[str], n: int = 1, *, top_p: float | None = DEFAULT_TOP_P,
@@ -457,7 +415,7 @@ class SimModel:
         ids = self._source_ids(items)
         src = self._prepare_sources(ids, mask_idxs)
         results: list[list[Candidate]] = [[] for _ in items]
-        bar = _progress(None, len(items), show_progress_bar, "similar")
+        bar = common.progress_bar(len(items), show_progress_bar, "similar")
         for chunk, rows in self._generate_chunks(src, settings):
             ranked = self._rank(chunk, [ids[i] for i in chunk], [items[i] for i in chunk], rows,
                                 settings["n"], k, batch_size, min_fluency)

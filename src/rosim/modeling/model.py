@@ -172,7 +172,9 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_size: int, base: float = 100
     """cos and sin tables ``(B|1, 1, L, d)`` for the interleaved form (each angle repeated twice)."""
     inv_freq = base ** (-torch.arange(0, head_size, 2, dtype=torch.float32, device=position_ids.device) / head_size)
     angles = position_ids.to(torch.float32)[..., None] * inv_freq  # (B, L, d/2)
-    angles = angles.repeat_interleave(2, dim=-1)[:, None]  # (B, 1, L, d)
+    # each angle twice, (a0, a0, a1, a1, ...); stack + flatten rather than repeat_interleave, which the
+    # ONNX exporter turns into a fixed-size graph that breaks at other sequence lengths
+    angles = torch.stack([angles, angles], dim=-1).flatten(-2)[:, None]  # (B, 1, L, d)
     return angles.cos(), angles.sin()
 
 

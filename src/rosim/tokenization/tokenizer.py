@@ -17,13 +17,16 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import normalizers, pre_tokenizers
 from tokenizers.models import WordPiece
 
 from rosim.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so torch-free users (ONNX) can tokenize
+    import torch
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -126,6 +129,8 @@ class CharTokenizer:
 
     def pad(self, rows: Sequence[tuple[list[int], list[int]]], pad_to: int | None = None) -> Encoding:
         """Right-pad (ids, segment) rows into an :class:`Encoding`."""
+        import torch
+
         if not rows:
             raise InputError("nothing to pad: empty batch")
         length = max(len(ids) for ids, _ in rows) if pad_to is None else pad_to
