@@ -141,3 +141,20 @@ def test_build_vocab():
 
 def test_tiny_tokenizer_helper_is_deterministic():
     assert tiny_tokenizer().vocab == tiny_tokenizer().vocab
+
+
+def test_long_ascii_runs_split_like_bert4keras(tok):
+    """bert4keras' word_maxlen is 200: a 150-letter run becomes word pieces, a 201-letter one [UNK]
+    (HF's BertTokenizer gives [UNK] from 101 letters; rosim follows bert4keras, whose users it serves)."""
+    pieces = tok.tokenize("a" * 150)
+    assert pieces[0] == "a" and set(pieces[1:]) == {"##a"} and len(pieces) == 150
+    assert tok.tokenize("a" * 200)[-1] == "##a"
+    assert tok.tokenize("a" * 201) == ["[UNK]"]
+
+
+def test_literal_mask_in_text_is_text_not_the_mask_token(tok):
+    """As in bert4keras (it splits "[MASK]" into "[", "mask", "]"): text a user types can never
+    inject special tokens; masking a position is done with ``mask_idxs``."""
+    ids = tok.encode_ids("今天[MASK]")
+    assert tok.mask_id not in ids
+    assert len(tok.tokenize("[MASK]")) >= 3  # "[", the letters, "]" (each [UNK] if not in the vocabulary)

@@ -182,7 +182,7 @@ def import_bert4keras(
     if missing:
         raise CheckpointError(
             f"{source}: missing variables {missing}"
-            + (" (no position table: is this a RoFormer checkpoint? use model='roformer')"
+            + (" (no position table: is this a RoFormer checkpoint? use model='roformer'; CLI: --model roformer)"
                if "bert/embeddings/position_embeddings" in missing else "")
         )
     state: dict[str, torch.Tensor] = {}

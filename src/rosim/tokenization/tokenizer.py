@@ -58,7 +58,7 @@ class CharTokenizer:
         self.inv_vocab = {i: t for t, i in self.vocab.items()}
         self.lowercase = lowercase
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self.vocab[t] for t in SPECIAL_TOKENS)
-        tok = _HFTokenizer(WordPiece(self.vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+        tok = _HFTokenizer(WordPiece(self.vocab, unk_token="[UNK]", max_input_chars_per_word=200))  # bert4keras word_maxlen
         tok.normalizer = normalizers.BertNormalizer(
             clean_text=True, handle_chinese_chars=True, strip_accents=lowercase, lowercase=lowercase
         )
