@@ -24,8 +24,10 @@ class Limits:
     max_gen_length: int = 64       # tokens generated per candidate
     max_k: int = 100               # neighbours per query from /search
     max_body_bytes: int = 1 << 20  # request body size
-    max_queue: int = 256           # requests waiting for the model before 503
+    max_queue: int = 256           # requests waiting for the model (per endpoint) before 503
     request_timeout_s: float = 60.0  # time a request may wait for its result before 504
+    max_queue_s: float = 5.0       # estimated wait for the model (per endpoint) beyond which a request gets 503
+    body_timeout_s: float = 10.0   # time to receive a whole request body before 408
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
