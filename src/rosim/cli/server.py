@@ -6,6 +6,7 @@ import errno
 import ipaddress
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -69,6 +70,8 @@ def serve(
 
     # two model threads (generation, and the short encode calls) share the cores
     torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+    # the event loop and the encode thread take the GIL back from generation's Python steps sooner
+    sys.setswitchinterval(0.001)
     if max_batch <= 0 or max_batch_rows <= 0 or max_wait_ms < 0:
         raise InputError("--max-batch and --max-batch-rows must be positive and --max-wait-ms >= 0")
     sim = load_model(model)

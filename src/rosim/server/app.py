@@ -22,6 +22,8 @@ import dataclasses
 import hmac
 import itertools
 import logging
+import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -115,6 +117,15 @@ class _Engine:
         return [list(f)[:kk] for f, (_, kk) in zip(found, items, strict=True)]
 
 
+def _lower_priority(niceness: int = 10) -> None:
+    """Run the calling thread at a lower CPU priority (Linux: ``nice`` is per thread), so that on a busy
+    machine the event loop and the short encode calls get the cores before long generation calls."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):  # not Linux, or not allowed: same priority, still a separate thread
+        pass
+
+
 def length_buckets(texts: list[str], *, cap: int = 32, waste: float = 1.3, max_tokens: int = 64) -> list[list[int]]:
     """Indices of ``texts`` in forward passes of similar length: sorted by length, a pass closes when
     it holds ``cap`` texts or padding to its longest text would cost more than ``waste`` times its
@@ -186,8 +197,10 @@ class _Gate:
     watched: when the client disconnects before its answer, the app's handling is cancelled (so
     queued model work for it is dropped)."""
 
-    def __init__(self, app, max_bytes: int, api_key: str | None = None, body_timeout_s: float = 10.0):
+    def __init__(self, app, max_bytes: int, api_key: str | None = None, body_timeout_s: float = 10.0,
+                 shed=None):
         self.app, self.max_bytes, self.api_key, self.body_timeout_s = app, max_bytes, api_key, body_timeout_s
+        self.shed = shed  # path -> QueueFull | None: a 503 given before the body is parsed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -224,6 +237,10 @@ class _Gate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+        busy = self.shed(scope.get("path", "")) if self.shed is not None else None
+        if busy is not None:  # overloaded: answer before spending time on parsing and validation
+            response = _error(503, "busy", str(busy), headers={"Retry-After": str(int(busy.retry_after_s))})
+            return await response(scope, receive, send)
         return await self._run_watched(scope, receive, send, b"".join(chunks))
 
     async def _run_watched(self, scope, receive, send, body: bytes):
@@ -324,7 +341,7 @@ def create_app(
     engine = _Engine(model, index, encode_batch_size)
     # generation gets its own thread: a short encode never waits behind a long sampling call
     short_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-encode")
-    generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-generate")
+    generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-generate", initializer=_lower_priority)
     common = dict(max_wait_ms=max_wait_ms, enabled=batching, max_queue=limits.max_queue,
                   max_queue_s=limits.max_queue_s)
     encoder = MicroBatcher(engine.encode, short_calls, max_batch=max_batch, name="encode", **common)
@@ -475,7 +492,7 @@ def create_app(
             "limits": limits.as_dict(),
             "batching": {"enabled": batching, "max_batch": max_batch, "max_batch_rows": max_batch_rows,
                          "max_wait_ms": max_wait_ms,
-                         **{name: b.stats.as_dict() for name, b in app.state.batchers.items()}},
+                         **{name: {**b.stats.as_dict(), "queued": b.queued} for name, b in app.state.batchers.items()}},
         }
 
     @app.get("/", include_in_schema=False)
@@ -483,5 +500,14 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_Gate, max_bytes=limits.max_body_bytes, api_key=api_key, body_timeout_s=limits.body_timeout_s)
+    routes = {"/encode": encoder, "/similarity": encoder, "/similar": generator}
+    if index is not None:
+        routes["/search"] = searcher
+
+    def shed(path: str) -> QueueFull | None:
+        batcher = routes.get(path)
+        return None if batcher is None else batcher.refusal()
+
+    app.add_middleware(_Gate, max_bytes=limits.max_body_bytes, api_key=api_key, body_timeout_s=limits.body_timeout_s,
+                       shed=shed)
     return app

@@ -109,7 +109,8 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Jobs waiting for the model (not counting the call in progress)."""
+        return sum(1 for j in self._pending if not j.future.done())
 
     def queued_cost(self) -> int:
         return sum(j.cost for j in self._pending if not j.future.done())
@@ -120,6 +121,15 @@ class MicroBatcher:
             return None
         running = max(0.0, self._running_until - time.monotonic())
         return running + (self.queued_cost() + cost) * self.seconds_per_cost
+
+    def refusal(self) -> QueueFull | None:
+        """The 503 that any new job would get now (counted as rejected), or None: lets the server shed
+        load before it parses a request."""
+        try:
+            self._admit(1)
+        except QueueFull as exc:
+            return exc
+        return None
 
     def _admit(self, cost: int) -> None:
         waiting = sum(1 for j in self._pending if not j.future.done())
