@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rosim.errors import DataError, InputError
+from rosim.limits import text_problem
 
 
 def iter_lines(path: str | os.PathLike, *, skip_empty: bool = True) -> Iterator[tuple[int, str]]:
@@ -25,8 +26,8 @@ def iter_lines(path: str | os.PathLike, *, skip_empty: bool = True) -> Iterator[
             except UnicodeDecodeError as exc:
                 raise DataError(f"{path}:{number}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             line = line.rstrip("\r\n").lstrip("\ufeff") if number == 1 else line.rstrip("\r\n")
-            if skip_empty and not line.strip():
-                continue
+            if skip_empty and (not line.strip() or text_problem(line) is not None):
+                continue  # empty, or nothing visible (control / zero-width characters only)
             yield number, line
 
 

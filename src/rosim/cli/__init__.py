@@ -42,9 +42,16 @@ def _register() -> None:
         module.register(app)
 
 
+def _say(message: str) -> None:
+    """One line on stderr, whatever it holds: bytes that were not UTF-8 in a file name or argument
+    (surrogate escapes) are shown as ``\\xNN`` instead of failing to print."""
+    line = " ".join(str(message).splitlines()) or "(no message)"
+    typer.echo(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one line on stderr and exit with ``code``."""
-    typer.echo(f"rosim: error: {message}", err=True)
+    _say(f"rosim: error: {message}")
     raise typer.Exit(code)
 
 
@@ -56,13 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except InputError as exc:
-        typer.echo(f"rosim: error: {exc}", err=True)
+        _say(f"rosim: error: {exc}")
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
-        typer.echo(f"rosim: error: {exc}", err=True)
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+        _say(f"rosim: error: {exc}")
         return 2
     except RosimError as exc:
-        typer.echo(f"rosim: error: {exc}", err=True)
+        _say(f"rosim: error: {exc}")
         return 1
     except KeyboardInterrupt:
         typer.echo("rosim: interrupted", err=True)

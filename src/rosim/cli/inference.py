@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from rosim.errors import InputError
+from rosim.limits import check_generation
 
 ModelOpt = Annotated[Path | None, typer.Option("--model", "-m", help="rosim checkpoint directory (default: the embedded model)")]
 
@@ -54,6 +55,7 @@ def similar(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Generate similar sentences and rank them by similarity to the input."""
+    check_generation(n=n, k=k, seed=seed, texts=batch if file is not None else len(texts or ()), batch=batch)
     if file is not None:
         if texts:
             raise InputError("give either TEXT arguments or --file, not both")

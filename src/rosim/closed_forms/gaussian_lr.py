@@ -351,12 +351,32 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
             if config.get("version") != _VERSION:
                 raise CheckpointError(f"{path}: unsupported version {config.get('version')!r}")
             arrays = load_file(str(path / "arrays.safetensors"))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot read the classifier in {path}: {exc}") from None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # OSError, bad JSON, or safetensors' own error for a truncated file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"cannot read the classifier in {path}: {first}; refit it with "
+                                  "`rosim classify fit`") from None
+        try:
+            return cls._from_parts(config, arrays)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is not a valid saved classifier ({type(exc).__name__}: {exc}); "
+                                  "refit it with `rosim classify fit`") from None
+
+    @classmethod
+    def _from_parts(cls, config: dict, arrays: dict) -> GaussianLogisticRegression:
+        if not isinstance(config, dict):
+            raise TypeError("config.json is not an object")
         params = config["params"]
         model = cls(priors=params["priors"], shrinkage=params["shrinkage"], whiten=params["whiten"])
         dtype = {"str": str, "bool": bool, "float": np.float64, "int": np.int64}[config["classes_kind"]]
-        model.classes_ = np.asarray(config["classes"], dtype=dtype)
+        classes = config["classes"]
+        if not isinstance(classes, list) or len(classes) < 2:
+            raise ValueError(f"'classes' must be a list of at least 2 labels, got {classes!r:.60}")
+        model.classes_ = np.asarray(classes, dtype=dtype)
+        for name in ("coef", "intercept", "means", "priors", "covariance"):
+            if name not in arrays or arrays[name].dtype.kind != "f" or not np.isfinite(arrays[name]).all():
+                raise ValueError(f"array {name!r} is missing, not floating point or not finite")
         model.coef_ = arrays["coef"]
         model.intercept_ = arrays["intercept"]
         model.means_ = arrays["means"]
@@ -365,9 +385,12 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
         model.n_features_in_ = int(config["n_features_in"])
         model.solver_ = config.get("solver", "cholesky")
         model.metadata_ = config.get("metadata", {})
+        if not isinstance(model.metadata_, dict):
+            raise TypeError("'metadata' must be an object")
         k, d = len(model.classes_), model.n_features_in_
-        if model.coef_.shape != ((1, d) if k == 2 else (k, d)) or model.means_.shape != (k, d):
-            raise CheckpointError(f"{path}: array shapes do not match {k} classes and {d} features")
+        if model.coef_.shape != ((1, d) if k == 2 else (k, d)) or model.means_.shape != (k, d) \
+                or model.intercept_.shape != ((1,) if k == 2 else (k,)) or model.priors_.shape != (k,):
+            raise ValueError(f"array shapes do not match {k} classes and {d} features")
         return model
 
 

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rosim.errors import DataError, InputError
+from rosim.limits import MAX_EF, MAX_HNSW_M, MAX_NLIST, check_int
 
 FORMAT, FORMAT_VERSION = "rosim-index", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.faiss", "texts.jsonl"
@@ -141,10 +142,11 @@ class VectorIndex:
             raise InputError(f"dim must be a positive integer, got {dim!r}")
         if kind not in KINDS:
             raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        for name, value in (("nlist", nlist), ("nprobe", nprobe), ("hnsw_m", hnsw_m),
-                            ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
+                                  ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
+                                  ("ef_search", ef_search, MAX_EF)):
+            if value is not None:
+                check_int(name, value, 1, most)
         self.dim, self.kind = dim, kind
         self.encoder_identity = dict(encoder_identity) if encoder_identity else None
         self.pooling = pooling
@@ -444,10 +446,12 @@ class VectorIndex:
                             f"{FORMAT_VERSION}: rebuild it")
         try:
             files, count, dim = meta["files"], int(meta["count"]), int(meta["dim"])
+            if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+                raise TypeError(f"'files' must map file names to {{bytes, sha256}}, got {files!r:.80}")
             params = dict(meta.get("params") or {})
             index = cls(dim, kind=meta["kind"], encoder_identity=meta.get("encoder"),
                         pooling=meta.get("pooling"), **params)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, InputError) as exc:
             raise DataError(f"{meta_path} is missing or has a bad field ({exc}){damaged}") from None
         for name in (VECTORS_FILE, TEXTS_FILE):
             path = directory / name

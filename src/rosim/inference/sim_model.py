@@ -12,6 +12,7 @@ import torch
 
 from rosim.errors import CheckpointError, InputError
 from rosim.inference.sampling import check_sampling_args, filter_logits, sample, sample_top_p
+from rosim.limits import text_problem
 from rosim.modeling.model import KVCache, RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
 
@@ -139,8 +140,9 @@ class SimModel:
     # ------------------------------------------------------------------ encoding
     def _source_ids(self, texts: list[str]) -> list[list[int]]:
         for i, t in enumerate(texts):
-            if not t.strip():
-                raise InputError(f"text {i} is empty or whitespace only")
+            problem = text_problem(t)
+            if problem is not None:
+                raise InputError(f"text {i} {problem}")
         return self.tokenizer.encode_batch_ids(texts)
 
     @torch.no_grad()

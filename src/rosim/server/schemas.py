@@ -12,6 +12,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from rosim import limits as bounds
+from rosim.limits import text_problem
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -33,14 +36,19 @@ class Limits:
         for name, value in asdict(self).items():
             if not value > 0:
                 raise ValueError(f"limit {name} must be positive, got {value!r}")
+        for name, most in (("max_n", bounds.MAX_N), ("max_gen_rows", bounds.MAX_GEN_ROWS),
+                           ("max_gen_length", bounds.MAX_GEN_LENGTH), ("max_k", bounds.MAX_SEARCH_K)):
+            if getattr(self, name) > most:
+                raise ValueError(f"limit {name} must be at most {most} (rosim.limits), got {getattr(self, name)}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("text is empty or whitespace only")
+    problem = text_problem(text)
+    if problem is not None:
+        raise ValueError(f"text {problem}")
     return text
 
 
@@ -86,7 +94,7 @@ def build_request_models(limits: Limits) -> SimpleNamespace:
         k: int = Field(10, ge=1, le=limits.max_n, description="results kept per text (at most n)")
         top_p: float = Field(0.95, gt=0.0, le=1.0, description="nucleus sampling threshold")
         max_length: int = Field(32, ge=1, le=limits.max_gen_length, description="tokens per candidate")
-        seed: int | None = Field(None, ge=0, le=2**53 - 1,
+        seed: int | None = Field(None, ge=0, le=bounds.MAX_SEED,
                                  description="fixes the sampling; a seeded request is never merged with others")
 
         @model_validator(mode="after")
