@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 
 from rosim.errors import CheckpointError, InputError
 from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
+from rosim.textio import atomic_directory  # noqa: F401  (re-exported: checkpoints are written with it)
 from rosim.tokenization.tokenizer import CharTokenizer
 
 CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.txt"
@@ -42,36 +41,6 @@ class LoadReport:
             parts.append(f"ignored (not used by the model): {', '.join(self.ignored)}")
         parts.extend(self.notes)
         return "; ".join(parts) or "all tensors loaded"
-
-
-def atomic_directory(target: str | os.PathLike):
-    """Context manager yielding a temporary directory renamed to ``target`` on success."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def _cm():
-        target_path = Path(target)
-        target_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target_path.name}.tmp-", dir=target_path.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint is as readable as any other directory
-        try:
-            yield tmp
-            backup = None
-            if target_path.exists():
-                if not target_path.is_dir():
-                    raise InputError(f"{target_path} exists and is not a directory")
-                backup = target_path.with_name(f".{target_path.name}.old-{os.getpid()}")
-                os.replace(target_path, backup)
-            os.replace(tmp, target_path)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-
-    return _cm()
 
 
 def load_state_strict(

@@ -55,7 +55,22 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _usage_line(exc) -> str:
+    """A click usage error as one line: what was wrong, and where the help is."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "rosim"
+    return f"{message} (see '{command} --help')"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _say(f"rosim: warning: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _one_line_warning  # a warning is one line, as an error is
     _register()
     try:
         # with standalone_mode=False click *returns* the code of a typer.Exit instead of raising it
@@ -80,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (click.exceptions.Abort, typer.Abort)) or type(exc).__name__ == "Abort":
             return 130
         if isinstance(exc, (click.exceptions.ClickException, typer.TyperException)) and hasattr(exc, "show"):
-            exc.show()
+            _say(f"rosim: error: {_usage_line(exc)}")
             return 2
         raise
     if isinstance(result, int) and not isinstance(result, bool):

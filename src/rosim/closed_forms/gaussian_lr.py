@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -316,24 +314,14 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
             raise InputError(f"metadata must be JSON-serialisable: {exc}") from None
         if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or _is_ours(path))):
             raise InputError(f"{path} exists and is not a saved classifier; choose another path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        from rosim.textio import atomic_directory
+
+        with atomic_directory(path) as tmp:
             arrays = {"coef": self.coef_, "intercept": np.asarray(self.intercept_), "means": self.means_,
                       "priors": self.priors_, "covariance": self.covariance_}
             save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()},
                       str(tmp / "arrays.safetensors"))
             (tmp / "config.json").write_text(text + "\n", encoding="utf-8")
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{os.getpid()}"
-                path.rename(old)
-            tmp.rename(path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod
@@ -415,12 +403,20 @@ def _ledoit_wolf_pooled(X: np.ndarray, y_idx: np.ndarray, priors: np.ndarray) ->
 
     d = X.shape[1]
     cov = np.zeros((d, d))
+    single = 0
     for j in range(len(priors)):
         Xj = X[y_idx == j]
+        single += len(Xj) == 1
         scale = Xj.std(axis=0)
         scale[scale == 0] = 1.0  # as StandardScaler does
-        lw = ledoit_wolf((Xj - Xj.mean(axis=0)) / scale, assume_centered=True)[0]
+        with warnings.catch_warnings():  # scikit-learn warns once per one-sample class: said once below
+            warnings.filterwarnings("ignore", message="Only one sample available")
+            lw = ledoit_wolf((Xj - Xj.mean(axis=0)) / scale, assume_centered=True)[0]
         cov += priors[j] * (scale[:, None] * lw * scale[None, :])
+    if single:
+        warnings.warn(f"{single} of {len(priors)} classes have a single sample: they add nothing to the shared "
+                      "covariance, and their means are single points; give each class several examples",
+                      UserWarning, stacklevel=3)
     return cov
 
 

@@ -64,6 +64,20 @@ def _faiss():
     return faiss
 
 
+def _identity_of(directory: Path) -> tuple[int, int, int] | None:
+    """Which directory is at ``directory`` now: inode numbers are reused, so the change time (set
+    when a directory is created or renamed into place) comes with it."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _being_written(directory: Path) -> bool:
+    return (directory.parent / f".{directory.name}.lock").exists()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -396,7 +410,7 @@ class VectorIndex:
 
         An existing directory is replaced only if it is a rosim index (or empty).
         """
-        from rosim.checkpoints.io import atomic_directory
+        from rosim.textio import atomic_directory
 
         if self.ntotal == 0:
             raise InputError("nothing to save: the index is empty")
@@ -425,8 +439,24 @@ class VectorIndex:
         """Read an index directory; with ``encoder``, refuse it unless it built the index.
 
         ``verify`` checks each file's size and SHA-256 against ``meta.json`` (reads the files once).
+        A save that replaces the directory while it is read (its files then disagree) makes the load
+        start again on the new directory, rather than report a damaged index.
         """
         directory = Path(directory)
+        for attempt in range(20):
+            before = _identity_of(directory)
+            try:
+                return cls._load_once(directory, encoder, verify=verify)
+            except (DataError, FileNotFoundError):
+                after = _identity_of(directory)
+                replaced = before != after or _being_written(directory)
+                if not replaced or attempt == 19:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, directory: Path, encoder, *, verify: bool) -> VectorIndex:
         if not directory.exists():
             raise InputError(f"index directory not found: {directory}")
         if not directory.is_dir():

@@ -361,6 +361,8 @@ def create_app(
         version="0.1.0",
         summary="RoFormer-Sim: encode, compare, generate and retrieve similar Chinese sentences.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger UI and ReDoc load their scripts from a CDN: blank offline
+        redoc_url=None,
     )
     app.state.limits, app.state.model, app.state.index = limits, model, index
     app.state.batchers = {"encode": encoder, "similar": generator, "search": searcher}
@@ -498,6 +500,11 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def demo() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        """The API described from openapi.json by a page with no external script (works offline)."""
+        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     routes = {"/encode": encoder, "/similarity": encoder, "/similar": generator}
