@@ -97,7 +97,7 @@ def test_overload_is_a_fast_503_with_retry_after_and_counted(sim):
         similar, encodes = asyncio.run(burst())
         codes = [r.status_code for _, r, _ in similar]
         assert set(codes) == {200, 503}, codes
-        assert codes.count(503) >= 6, codes  # at most ~0.5 s of work (2 calls) may wait
+        assert codes.count(503) >= 9, codes  # a call takes 0.4 s and the budget is 0.5 s: one at a time
         for _, r, took in similar:
             if r.status_code == 503:
                 assert took < 1.0
@@ -176,7 +176,7 @@ def test_batcher_refuses_work_beyond_its_wait_budget():
     assert b.stats.rejected == 1 and b.seconds_per_cost == pytest.approx(0.1, rel=0.5)
 
 
-def test_before_any_measurement_at_most_two_calls_of_work_wait():
+def test_before_any_measurement_at_most_one_call_of_work_waits():
     from concurrent.futures import ThreadPoolExecutor
 
     def slow(key, items):
@@ -191,4 +191,4 @@ def test_before_any_measurement_at_most_two_calls_of_work_wait():
             return results
 
     results = asyncio.run(main())
-    assert sum(isinstance(r, QueueFull) for r in results) >= 2
+    assert [isinstance(r, QueueFull) for r in results] == [False, True, True, True, True]

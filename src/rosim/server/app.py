@@ -22,8 +22,6 @@ import dataclasses
 import hmac
 import itertools
 import logging
-import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -115,15 +113,6 @@ class _Engine:
         k = max(kk for _, kk in items)
         found = self.index.search([t for t, _ in items], k)
         return [list(f)[:kk] for f, (_, kk) in zip(found, items, strict=True)]
-
-
-def _lower_priority(niceness: int = 10) -> None:
-    """Run the calling thread at a lower CPU priority (Linux: ``nice`` is per thread), so that on a busy
-    machine the event loop and the short encode calls get the cores before long generation calls."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):  # not Linux, or not allowed: same priority, still a separate thread
-        pass
 
 
 def length_buckets(texts: list[str], *, cap: int = 32, waste: float = 1.3, max_tokens: int = 64) -> list[list[int]]:
@@ -341,7 +330,7 @@ def create_app(
     engine = _Engine(model, index, encode_batch_size)
     # generation gets its own thread: a short encode never waits behind a long sampling call
     short_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-encode")
-    generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-generate", initializer=_lower_priority)
+    generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-generate")
     common = dict(max_wait_ms=max_wait_ms, enabled=batching, max_queue=limits.max_queue,
                   max_queue_s=limits.max_queue_s)
     encoder = MicroBatcher(engine.encode, short_calls, max_batch=max_batch, name="encode", **common)

@@ -10,9 +10,10 @@ With ``enabled=False`` every job is its own call (the same thread, the same queu
 that ``benchmarks/serve.py`` compares against.
 
 Admission control: a job is refused at once (:class:`QueueFull`, answered 503 + Retry-After) when
-``max_queue`` jobs already wait, or when the work queued ahead of it would take longer than
-``max_queue_s`` at the speed measured on recent calls (seconds per unit of cost, a moving average);
-before the first call has been measured, at most two calls' worth of cost may wait. A job whose
+``max_queue`` jobs already wait, or when the rest of the call in progress, the work queued ahead of
+it and its own would take longer than ``max_queue_s`` at the speed measured on recent calls
+(seconds per unit of cost, a moving average; an idle batcher accepts any job); before the first
+call has been measured, at most one call's worth of cost may wait. A job whose
 caller has gone (its future cancelled: a client that disconnected, or a request past its deadline)
 is dropped before it reaches the model.
 """
@@ -89,6 +90,7 @@ class MicroBatcher:
         self.stats = BatchStats()
         self.seconds_per_cost: float | None = None  # moving average over model calls
         self._running_until = 0.0  # monotonic time the call in progress is expected to end
+        self._busy = False  # a model call is in progress
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._pending: collections.deque[_Job] = collections.deque()
@@ -139,9 +141,9 @@ class MicroBatcher:
             return
         wait = self.estimated_wait(cost)
         if wait is None:  # nothing measured yet: let at most two calls' worth of work wait
-            if waiting and self.queued_cost() + cost > 2 * max(self.max_batch, cost):
+            if (waiting or self._busy) and self.queued_cost() + cost > max(self.max_batch, cost):
                 self._reject(f"{waiting} requests are already waiting for the model", 1.0)
-        elif wait > self.max_queue_s and waiting:
+        elif wait > self.max_queue_s and (waiting or self._busy):  # idle: even a long job runs
             self._reject(f"the work already queued would take about {wait:.1f} s (the limit is "
                          f"{self.max_queue_s:g} s)", wait - self.max_queue_s)
 
@@ -196,10 +198,11 @@ class MicroBatcher:
                         break
             jobs = self._take(oldest.key)
             if jobs:
+                self._busy = True
                 try:
                     await self._run_jobs(loop, oldest.key, jobs)
                 finally:
-                    self._running_until = 0.0
+                    self._running_until, self._busy = 0.0, False
 
     def _take(self, key: Hashable) -> list[_Job]:
         """Remove and return the oldest live jobs of ``key``, up to ``max_batch`` cost (at least one)."""
