@@ -20,6 +20,16 @@ endpoint's speedup is the median over rounds of batched/unbatched throughput.
 Usage: python benchmarks/serve.py [--quick] [--model DIR] [--clients C] [--duration D] [--rounds R]
 Last line: JSON with batching_speedup (geometric mean of the two endpoints' speedups), p99_ms (worst
 p99 with batching on), errors (all runs), per-endpoint throughput and latency, RSS before and after.
+
+--overload: the claim of issue 17 item 3, that the server sheds load instead of queueing without
+bound. One server (`rosim serve` with its defaults: the embedded model unless --model, admission
+control on) gets 16, then 32, then 64 concurrent clients for D seconds each (default 20; quick 4):
+7 of every 8 clients post /similar (n=100, k=5, as in the issue; quick n=20) and the rest /encode,
+back to back, with a 30 s client timeout, and honour Retry-After after a 503 (as a polite client does).
+Reported per level and endpoint: p50/p95/p99 of the answered requests, counts of 200 / 503 / other /
+client timeouts, the slowest 503, the server's peak RSS, and how long the server kept computing
+after the clients stopped. Last line: JSON with `ok` true when every request was answered 200 or
+got a 503 within 1 s, no client timed out, and /encode p99 stayed under 0.5 s at every level.
 """
 
 from __future__ import annotations
@@ -44,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import STSB_TEST, STSB_TRAIN, emit, small_model, sts_sentences  # noqa: E402
 
 RUN_CLI = "import sys; from rosim.cli import main; sys.exit(main())"
-SIMILAR = {"n": 8, "k": 4, "max_length": 16}
-QUICK_SIMILAR = {"n": 4, "k": 2, "max_length": 8}
+SIMILAR = {"n": 8, "k": 4, "max_new_tokens": 16}
+QUICK_SIMILAR = {"n": 4, "k": 2, "max_new_tokens": 8}
 
 
 def free_port() -> int:
@@ -66,7 +76,8 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", RUN_CLI, "serve", "--model", str(model_dir), "--port", str(self.port),
-               "--log-level", "warning", "--max-queue", "4096", "--timeout", "300"]
+               "--log-level", "warning", "--max-queue", "4096", "--timeout", "300",
+               "--max-queue-wait", "300"]  # throughput of batching: no load shedding here
         if not batching:
             cmd.append("--no-batching")
         if threads:
@@ -138,6 +149,138 @@ def summarize(slices: list[dict]) -> dict:
             "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
+# ---------------------------------------------------------------------- --overload
+OVERLOAD_LEVELS = (16, 32, 64)
+CLIENT_TIMEOUT_S = 30.0
+
+
+class RssSampler:
+    """The server's peak resident memory, sampled every 0.2 s in a thread."""
+
+    def __init__(self, pid: int):
+        import threading
+
+        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            try:
+                self.peak = max(self.peak, rss_mb(self.pid))
+            except OSError:
+                return
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+async def mixed_load(base: str, plan: list[tuple[str, list[dict]]], duration: float, seed: int) -> dict:
+    """One client per entry of ``plan`` (endpoint, bodies), posting back to back for ``duration`` s."""
+    out = {path: {"ok": [], "busy": [], "other": 0, "timeouts": 0} for path in {p for p, _ in plan}}
+    limits = httpx.Limits(max_connections=len(plan), max_keepalive_connections=len(plan))
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=httpx.Timeout(CLIENT_TIMEOUT_S)) as client:
+        stop_at = time.perf_counter() + duration
+
+        async def worker(i: int, path: str, bodies: list[dict]) -> None:
+            rng = random.Random(seed * 1000 + i)
+            while time.perf_counter() < stop_at:
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(path, json=rng.choice(bodies))
+                except httpx.TimeoutException:
+                    out[path]["timeouts"] += 1
+                    continue
+                except httpx.HTTPError:
+                    out[path]["other"] += 1
+                    continue
+                took = time.perf_counter() - t0
+                if r.status_code == 200:
+                    out[path]["ok"].append(took)
+                elif r.status_code == 503:
+                    out[path]["busy"].append(took)
+                    wait = min(float(r.headers.get("retry-after", "1")), stop_at - time.perf_counter())
+                    await asyncio.sleep(max(wait, 0.0))
+                else:
+                    out[path]["other"] += 1
+
+        await asyncio.gather(*(worker(i, path, bodies) for i, (path, bodies) in enumerate(plan)))
+    return out
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    return round(float(np.percentile(np.array(values) * 1000, q)), 1) if values else None
+
+
+def overload_main(args) -> None:
+    duration = args.duration or (4.0 if args.quick else 20.0)
+    n = 20 if args.quick else 100
+    sentences = [s for s in sts_sentences(STSB_TEST) if s.strip()]
+    rng = random.Random(0)
+    similar = [{"texts": rng.choice(sentences), "n": n, "k": 5} for _ in range(200)]
+    encode = [{"texts": [rng.choice(sentences)]} for _ in range(200)]
+    t_start = time.perf_counter()
+    model_dir = args.model
+    cmd = [sys.executable, "-c", RUN_CLI, "serve", "--port", "0", "--log-level", "warning"]
+    if model_dir is not None:
+        cmd += ["--model", str(model_dir)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    port = free_port()
+    cmd[cmd.index("0")] = str(port)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = Server.__new__(Server)
+    server.port, server.base, server.proc = port, f"http://127.0.0.1:{port}", proc
+    print(f"model: {model_dir or 'embedded default'}; levels {OVERLOAD_LEVELS} clients x {duration:g} s; "
+          f"/similar n={n} k=5 for 7 of 8 clients, /encode one text for the rest; client timeout "
+          f"{CLIENT_TIMEOUT_S:g} s; {args.threads} torch thread(s) per model thread; {os.cpu_count()} CPUs",
+          flush=True)
+    levels: dict[str, dict] = {}
+    ok = True
+    try:
+        server.wait_ready()
+        httpx.post(server.base + "/similar", json=similar[0], timeout=120).raise_for_status()  # warm-up
+        httpx.post(server.base + "/encode", json=encode[0], timeout=120).raise_for_status()
+        for clients in OVERLOAD_LEVELS:
+            n_encode = max(2, clients // 8)
+            plan = [("/encode", encode)] * n_encode + [("/similar", similar)] * (clients - n_encode)
+            sampler = RssSampler(proc.pid)
+            res = asyncio.run(mixed_load(server.base, plan, duration, seed=clients))
+            t_end = time.perf_counter()
+            while True:  # how long the server keeps computing once every client has its answer
+                h = server.health()["batching"]
+                if all(not isinstance(v, dict) or v["queued"] == 0 for v in h.values()):
+                    break
+                time.sleep(0.1)
+            drain_s = time.perf_counter() - t_end
+            peak = sampler.stop()
+            level: dict = {"clients": clients, "rss_mb_peak": round(peak, 1), "drain_s": round(drain_s, 2)}
+            for path, r in res.items():
+                name = path.strip("/")
+                level[name] = {"ok": len(r["ok"]), "busy_503": len(r["busy"]), "other": r["other"],
+                               "timeouts": r["timeouts"], "p50_ms": _pct(r["ok"], 50), "p95_ms": _pct(r["ok"], 95),
+                               "p99_ms": _pct(r["ok"], 99), "slowest_503_ms": _pct(r["busy"], 100)}
+                e = level[name]
+                ok &= e["timeouts"] == 0 and e["other"] == 0 and (not r["busy"] or max(r["busy"]) < 1.0)
+                print(f"{clients:3d} clients {path:9s} 200 {e['ok']:5d}  503 {e['busy_503']:5d}  other {e['other']}  "
+                      f"timeouts {e['timeouts']}  p50 {e['p50_ms']} ms  p95 {e['p95_ms']} ms  p99 {e['p99_ms']} ms  "
+                      f"slowest 503 {e['slowest_503_ms']} ms", flush=True)
+            enc_p99 = level["encode"]["p99_ms"]
+            ok &= enc_p99 is not None and enc_p99 < 500
+            print(f"{clients:3d} clients: server RSS peak {peak:.0f} MB; idle {drain_s:.2f} s after the load", flush=True)
+            levels[str(clients)] = level
+        health = server.health()["batching"]
+    finally:
+        server.stop()
+    emit({"bench": "serve_overload", "ok": bool(ok), "duration_s": duration, "similar_n": n,
+          "client_timeout_s": CLIENT_TIMEOUT_S, "wall_s": round(time.perf_counter() - t_start, 1),
+          "rejected": {k: v["rejected"] for k, v in health.items() if isinstance(v, dict)},
+          "dropped": {k: v["dropped"] for k, v in health.items() if isinstance(v, dict)},
+          "levels": levels})
+
+
 def _terminate(signum, frame):  # so that `finally` stops the servers when this script is killed
     raise SystemExit(128 + signum)
 
@@ -154,7 +297,13 @@ def main() -> None:
                     help="the duration is cut into this many slices, modes alternating (default 3; quick 2)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per server (default 1: one core computes, the other runs the clients)")
+    ap.add_argument("--overload", action="store_true",
+                    help="the admission-control test at 16/32/64 clients instead of batching on/off")
     args = ap.parse_args()
+    if args.overload:
+        if args.duration is not None and not 0 < args.duration <= 600:
+            raise SystemExit("--duration must be 0..600 s")
+        return overload_main(args)
     clients = args.clients or (8 if args.quick else 50)
     duration = args.duration or (4.0 if args.quick else 30.0)
     rounds = args.rounds or (2 if args.quick else 3)

@@ -222,7 +222,7 @@ def test_save_refuses_to_replace_other_directories(tmp_path):
 def test_bad_parameters():
     with pytest.raises(InputError, match="kind must be one of"):
         VectorIndex(8, kind="lsh")
-    with pytest.raises(InputError, match="nlist must be a positive integer"):
+    with pytest.raises(InputError, match="nlist must be in 1.."):
         VectorIndex(8, kind="ivf", nlist=0)
     index = VectorIndex(24, kind="ivf", nlist=64)
     with pytest.raises(InputError, match="needs at least 64 vectors to train"):

@@ -130,7 +130,10 @@ def test_health_and_docs(client):
     assert {"/encode", "/similarity", "/similar", "/search", "/health"} <= set(spec["paths"])
     texts = spec["components"]["schemas"]["EncodeRequest"]["properties"]["texts"]
     assert texts["maxItems"] == 8 and texts["items"]["maxLength"] == 40  # the limits are in the schema
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "openapi.json" in docs.text
+    assert "http://" not in docs.text and "https://" not in docs.text  # nothing from a CDN: works offline
+    assert client.get("/redoc").status_code == 404
 
 
 def test_demo_page_is_served(client):

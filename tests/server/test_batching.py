@@ -52,7 +52,7 @@ def test_concurrent_jobs_merge_into_one_call(executor):
     assert len(rec.calls) == 1 and len(rec.calls[0][1]) == 20
     stats = b.stats.as_dict()
     assert stats.pop("model_seconds") >= 0
-    assert stats == dict(requests=10, model_calls=1, items=20, largest_call=10, rejected=0)
+    assert stats == dict(requests=10, model_calls=1, items=20, largest_call=10, rejected=0, dropped=0)
 
 
 def test_batches_respect_max_batch_and_keys(executor):

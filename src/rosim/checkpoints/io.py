@@ -18,7 +18,7 @@ import torch
 
 from rosim.errors import CheckpointError, InputError
 from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
-from rosim.textio import atomic_directory  # noqa: F401  (re-exported: it lived here first)
+from rosim.textio import atomic_directory  # noqa: F401  (re-exported: checkpoints are written with it)
 from rosim.tokenization.tokenizer import CharTokenizer
 
 CONFIG_NAME, WEIGHTS_NAME, VOCAB_NAME = "config.json", "model.safetensors", "vocab.txt"

@@ -42,13 +42,35 @@ def _register() -> None:
         module.register(app)
 
 
+def _say(message: str) -> None:
+    """One line on stderr, whatever it holds: bytes that were not UTF-8 in a file name or argument
+    (surrogate escapes) are shown as ``\\xNN`` instead of failing to print."""
+    line = " ".join(str(message).splitlines()) or "(no message)"
+    typer.echo(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=True)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print one line on stderr and exit with ``code``."""
-    typer.echo(f"rosim: error: {message}", err=True)
+    _say(f"rosim: error: {message}")
     raise typer.Exit(code)
 
 
+def _usage_line(exc) -> str:
+    """A click usage error as one line: what was wrong, and where the help is."""
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    ctx = getattr(exc, "ctx", None)
+    command = getattr(ctx, "command_path", None) or "rosim"
+    return f"{message} (see '{command} --help')"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _say(f"rosim: warning: {message}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.showwarning = _one_line_warning  # a warning is one line, as an error is
     _register()
     try:
         # with standalone_mode=False click *returns* the code of a typer.Exit instead of raising it
@@ -56,13 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as exc:
         return exc.exit_code
     except InputError as exc:
-        typer.echo(f"rosim: error: {exc}", err=True)
+        _say(f"rosim: error: {exc}")
         return 2
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
-        typer.echo(f"rosim: error: {exc}", err=True)
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError) as exc:
+        _say(f"rosim: error: {exc}")
         return 2
     except RosimError as exc:
-        typer.echo(f"rosim: error: {exc}", err=True)
+        _say(f"rosim: error: {exc}")
         return 1
     except KeyboardInterrupt:
         typer.echo("rosim: interrupted", err=True)
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (click.exceptions.Abort, typer.Abort)) or type(exc).__name__ == "Abort":
             return 130
         if isinstance(exc, (click.exceptions.ClickException, typer.TyperException)) and hasattr(exc, "show"):
-            exc.show()
+            _say(f"rosim: error: {_usage_line(exc)}")
             return 2
         raise
     if isinstance(result, int) and not isinstance(result, bool):

@@ -110,8 +110,9 @@ def fit(
                                "train_file": str(train), "n_train": len(texts),
                                "train_accuracy": accuracy})
     counts = {c: int(n) for c, n in zip(*np.unique(labels, return_counts=True), strict=True)}
+    shown = ", ".join(f"{c}: {n}" for c, n in list(counts.items())[:10]) + (", ..." if len(counts) > 10 else "")
     typer.echo(f"fitted {len(texts)} texts, {len(counts)} labels "
-               f"({', '.join(f'{c}: {n}' for c, n in counts.items())}), {X.shape[1]}-d vectors; "
+               f"({shown}), {X.shape[1]}-d vectors; "
                f"training accuracy {100 * accuracy:.2f}%; saved to {output}")
 
 

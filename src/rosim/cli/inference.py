@@ -74,6 +74,7 @@ def similar(
 ) -> None:
     """Generate similar sentences and rank them by similarity to the input."""
     options = {"n": n, "k": k, "seed": seed, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    _check_options(options)  # before the model loads: a bad option fails at once
     if file is not None:
         if texts:
             raise InputError("give either TEXT arguments or --file, not both")
@@ -93,6 +94,17 @@ def similar(
                 typer.echo(f"{s:.4f}\t{t}")
 
 
+def _check_options(options: dict) -> None:
+    from rosim import limits
+
+    limits.check_int("n", options["n"], 1, limits.MAX_N)
+    if options["k"] is not None:
+        limits.check_int("k", options["k"], 1, limits.MAX_N)
+    limits.check_int("max_new_tokens", options["max_new_tokens"], 1, limits.MAX_GEN_LENGTH)
+    limits.check_float("top_p", options["top_p"], 0.0, 1.0, low_open=True)
+    limits.check_seed(options["seed"])
+
+
 def _similar_file(file: Path, output: Path, options: dict, *, model, batch: int, quiet: bool) -> None:
     """``similar`` over a file, written unit by unit; a rerun resumes exactly.
 
@@ -104,10 +116,11 @@ def _similar_file(file: Path, output: Path, options: dict, *, model, batch: int,
     """
     from tqdm.auto import tqdm
 
-    from rosim.inference.sim_model import MAX_SEED, check_count
+    from rosim.inference.sim_model import check_count
+    from rosim.limits import MAX_BATCH, MAX_SEED
     from rosim.textio import read_lines
 
-    batch = check_count("--batch", batch, 100_000)
+    batch = check_count("--batch", batch, MAX_BATCH)
     inputs = list(dict.fromkeys(read_lines(file)))
     output = output_path(output)
     sim = load_model(model)

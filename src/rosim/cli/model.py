@@ -113,8 +113,10 @@ def convert(
         raise InputError(f"--allow-missing accepts {sorted(ALLOW_MISSING)}, got {unknown}")
     if not src.exists() and not (source_format is SourceFormat.bert4keras and Path(f"{src}.index").is_file()):
         raise CheckpointError(f"source checkpoint not found: {src}")
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise InputError("DST is the source directory; write the converted checkpoint elsewhere")
+    src_at, dst_at = src.resolve(), dst.resolve()
+    if dst_at == src_at or dst_at in src_at.parents:  # a bert4keras SRC may be a prefix inside its folder
+        raise InputError(f"DST {dst} is or contains the source {src}; replacing it would destroy the source: "
+                         "write the converted checkpoint elsewhere")
     _check_destination(dst, overwrite)
 
     rosim_model, tokenizer, report = _import(

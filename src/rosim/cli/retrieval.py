@@ -88,11 +88,14 @@ def index_build(
         raise InputError(f"--batch-size must be positive, got {batch_size}")
     if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "meta.json").is_file())):
         raise InputError(f"{output} exists and is not a rosim index; choose a new directory")
-    encoder = _load_encoder(model, teacher, backend=backend)
-    index = VectorIndex.from_file(encoder, corpus, kind=approx or "exact", pooling=pooling, batch_size=batch_size,
-                                  show_progress_bar=_progress(quiet), nlist=nlist, nprobe=nprobe,
-                                  hnsw_m=hnsw_m, ef_search=ef_search)
-    index.save(output)
+    from rosim.textio import output_lock
+
+    with output_lock(output, wait=False):  # a second build into the same -o is refused, not raced
+        encoder = _load_encoder(model, teacher, backend=backend)
+        index = VectorIndex.from_file(encoder, corpus, kind=approx or "exact", pooling=pooling,
+                                      batch_size=batch_size, show_progress_bar=_progress(quiet), nlist=nlist,
+                                      nprobe=nprobe, hnsw_m=hnsw_m, ef_search=ef_search)
+        index.save(output)
     if not quiet:
         typer.echo(f"indexed {index.ntotal} texts ({index.kind}, {index.dim}-d) into {output}", err=True)
 
@@ -109,17 +112,18 @@ def index_add(
 ) -> None:
     """Encode every line of CORPUS and add it to an existing index (rewritten atomically)."""
     from rosim.index import VectorIndex
-    from rosim.textio import iter_lines
+    from rosim.textio import iter_lines, output_lock
 
-    index = VectorIndex.load(directory)
-    encoder = _encoder_for_index(index, model, teacher, backend)
-    index.check_encoder(encoder)
-    total = sum(1 for _ in iter_lines(corpus))
-    if total == 0:
-        raise InputError(f"{corpus} contains no texts to add")
-    index.add_texts(encoder, (line for _, line in iter_lines(corpus)), batch_size=batch_size, total=total,
-                    show_progress_bar=_progress(quiet))
-    index.save(directory)
+    with output_lock(directory, wait=False):  # read-modify-write: no other writer in between
+        index = VectorIndex.load(directory)
+        encoder = _encoder_for_index(index, model, teacher, backend)
+        index.check_encoder(encoder)
+        total = sum(1 for _ in iter_lines(corpus))
+        if total == 0:
+            raise InputError(f"{corpus} contains no texts to add")
+        index.add_texts(encoder, (line for _, line in iter_lines(corpus)), batch_size=batch_size, total=total,
+                        show_progress_bar=_progress(quiet))
+        index.save(directory)
     if not quiet:
         typer.echo(f"added {total} texts; {directory} now holds {index.ntotal}", err=True)
 

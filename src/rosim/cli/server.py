@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import os
+import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from rosim.errors import InputError
+from rosim.errors import InputError, RosimError
 
 
 def _is_loopback(host: str) -> bool:
@@ -34,9 +38,14 @@ def serve(
     max_texts: Annotated[int, typer.Option(help="texts per request")] = 64,
     max_text_chars: Annotated[int, typer.Option(help="characters per text")] = 512,
     max_n: Annotated[int, typer.Option(help="candidates per text for /similar")] = 128,
-    max_queue: Annotated[int, typer.Option(help="requests waiting for the model before answering 503")] = 256,
+    max_queue: Annotated[int, typer.Option(help="requests waiting for the model, per endpoint, before answering 503")] = 256,
+    max_queue_wait: Annotated[float, typer.Option(help="seconds of work queued for the model, per endpoint (estimated "
+                                                       "at the measured speed), beyond which a request gets 503 + Retry-After")] = 5.0,
     timeout: Annotated[float, typer.Option(help="seconds a request may wait for its result before 504")] = 60.0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice)")] = None,
+    header_timeout: Annotated[float, typer.Option(help="seconds a client has to send its request headers")] = 10.0,
+    body_timeout: Annotated[float, typer.Option(help="seconds a client has to send its request body (then 408)")] = 10.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads per model thread (there are two: generation, "
+                                                     "and encoding; default: half the CPUs each)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the HTTP API (/encode, /similarity, /similar, /search, /health, /docs) and the demo page at /."""
@@ -44,20 +53,25 @@ def serve(
 
     from rosim.cli.inference import load_model
     from rosim.server import Limits, create_app
+    from rosim.server.protocol import header_timeout_protocol
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be 0..65535, got {port}")
-    if threads is not None:
-        if threads <= 0:
-            raise InputError(f"--threads must be positive, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
+    if threads is not None and threads <= 0:
+        raise InputError(f"--threads must be positive, got {threads}")
+    if not (header_timeout > 0 and body_timeout > 0):
+        raise InputError("--header-timeout and --body-timeout must be positive")
     try:
         limits = Limits(max_texts=max_texts, max_text_chars=max_text_chars, max_n=max_n, max_queue=max_queue,
-                        request_timeout_s=timeout)
+                        request_timeout_s=timeout, max_queue_s=max_queue_wait, body_timeout_s=body_timeout)
     except ValueError as exc:
         raise InputError(str(exc)) from None
+    import torch
+
+    # two model threads (generation, and the short encode calls) share the cores
+    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
+    # the event loop and the encode thread take the GIL back from generation's Python steps sooner
+    sys.setswitchinterval(0.001)
     if max_batch <= 0 or max_batch_rows <= 0 or max_wait_ms < 0:
         raise InputError("--max-batch and --max-batch-rows must be positive and --max-wait-ms >= 0")
     sim = load_model(model)
@@ -71,13 +85,42 @@ def serve(
                    "address can use the model", err=True)
     app = create_app(sim, idx, api_key=api_key, max_batch=max_batch, max_batch_rows=max_batch_rows,
                      max_wait_ms=max_wait_ms, batching=not no_batching, limits=limits)
+    sock = _bind(host, port)  # before announcing anything: a busy port is one line, not a traceback
+    port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
-    where = f"http://{shown}:{port}/" if port else f"a free port of {shown} (uvicorn's line below names it)"
-    typer.echo(f"rosim: serving {sim.name} on {where} (docs at /docs)"
+    typer.echo(f"rosim: serving {sim.name} on http://{shown}:{port}/ (docs at /docs)"
                + (", /search on" if idx is not None else ""), err=True)
-    # uvicorn answers 503 itself beyond limit_concurrency open requests: a second bound before the queue's
-    uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=max_queue + 64,
-                timeout_keep_alive=5, timeout_graceful_shutdown=10)
+    # uvicorn answers 503 itself beyond limit_concurrency open requests: a second bound before the queues'
+    config = uvicorn.Config(app, log_level=log_level, limit_concurrency=3 * max_queue + 64, timeout_keep_alive=5,
+                            timeout_graceful_shutdown=10, http=header_timeout_protocol(header_timeout),
+                            h11_max_incomplete_event_size=16 * 1024)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop
+        pass
+    finally:
+        sock.close()
+    if not server.started:
+        raise RosimError("the server did not start (see uvicorn's message above)")
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InputError(f"--host {host!r} is not an address of this machine ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+        raise InputError(f"{host}:{port} {why}: pick another --port") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def register(app: typer.Typer) -> None:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -316,24 +314,14 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
             raise InputError(f"metadata must be JSON-serialisable: {exc}") from None
         if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or _is_ours(path))):
             raise InputError(f"{path} exists and is not a saved classifier; choose another path")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        from rosim.textio import atomic_directory
+
+        with atomic_directory(path) as tmp:
             arrays = {"coef": self.coef_, "intercept": np.asarray(self.intercept_), "means": self.means_,
                       "priors": self.priors_, "covariance": self.covariance_}
             save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()},
                       str(tmp / "arrays.safetensors"))
             (tmp / "config.json").write_text(text + "\n", encoding="utf-8")
-            old = None
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{os.getpid()}"
-                path.rename(old)
-            tmp.rename(path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     @classmethod
@@ -351,12 +339,32 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
             if config.get("version") != _VERSION:
                 raise CheckpointError(f"{path}: unsupported version {config.get('version')!r}")
             arrays = load_file(str(path / "arrays.safetensors"))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"cannot read the classifier in {path}: {exc}") from None
+        except CheckpointError:
+            raise
+        except Exception as exc:  # OSError, bad JSON, or safetensors' own error for a truncated file
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"cannot read the classifier in {path}: {first}; refit it with "
+                                  "`rosim classify fit`") from None
+        try:
+            return cls._from_parts(config, arrays)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is not a valid saved classifier ({type(exc).__name__}: {exc}); "
+                                  "refit it with `rosim classify fit`") from None
+
+    @classmethod
+    def _from_parts(cls, config: dict, arrays: dict) -> GaussianLogisticRegression:
+        if not isinstance(config, dict):
+            raise TypeError("config.json is not an object")
         params = config["params"]
         model = cls(priors=params["priors"], shrinkage=params["shrinkage"], whiten=params["whiten"])
         dtype = {"str": str, "bool": bool, "float": np.float64, "int": np.int64}[config["classes_kind"]]
-        model.classes_ = np.asarray(config["classes"], dtype=dtype)
+        classes = config["classes"]
+        if not isinstance(classes, list) or len(classes) < 2:
+            raise ValueError(f"'classes' must be a list of at least 2 labels, got {classes!r:.60}")
+        model.classes_ = np.asarray(classes, dtype=dtype)
+        for name in ("coef", "intercept", "means", "priors", "covariance"):
+            if name not in arrays or arrays[name].dtype.kind != "f" or not np.isfinite(arrays[name]).all():
+                raise ValueError(f"array {name!r} is missing, not floating point or not finite")
         model.coef_ = arrays["coef"]
         model.intercept_ = arrays["intercept"]
         model.means_ = arrays["means"]
@@ -365,9 +373,12 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
         model.n_features_in_ = int(config["n_features_in"])
         model.solver_ = config.get("solver", "cholesky")
         model.metadata_ = config.get("metadata", {})
+        if not isinstance(model.metadata_, dict):
+            raise TypeError("'metadata' must be an object")
         k, d = len(model.classes_), model.n_features_in_
-        if model.coef_.shape != ((1, d) if k == 2 else (k, d)) or model.means_.shape != (k, d):
-            raise CheckpointError(f"{path}: array shapes do not match {k} classes and {d} features")
+        if model.coef_.shape != ((1, d) if k == 2 else (k, d)) or model.means_.shape != (k, d) \
+                or model.intercept_.shape != ((1,) if k == 2 else (k,)) or model.priors_.shape != (k,):
+            raise ValueError(f"array shapes do not match {k} classes and {d} features")
         return model
 
 
@@ -392,12 +403,20 @@ def _ledoit_wolf_pooled(X: np.ndarray, y_idx: np.ndarray, priors: np.ndarray) ->
 
     d = X.shape[1]
     cov = np.zeros((d, d))
+    single = 0
     for j in range(len(priors)):
         Xj = X[y_idx == j]
+        single += len(Xj) == 1
         scale = Xj.std(axis=0)
         scale[scale == 0] = 1.0  # as StandardScaler does
-        lw = ledoit_wolf((Xj - Xj.mean(axis=0)) / scale, assume_centered=True)[0]
+        with warnings.catch_warnings():  # scikit-learn warns once per one-sample class: said once below
+            warnings.filterwarnings("ignore", message="Only one sample available")
+            lw = ledoit_wolf((Xj - Xj.mean(axis=0)) / scale, assume_centered=True)[0]
         cov += priors[j] * (scale[:, None] * lw * scale[None, :])
+    if single:
+        warnings.warn(f"{single} of {len(priors)} classes have a single sample: they add nothing to the shared "
+                      "covariance, and their means are single points; give each class several examples",
+                      UserWarning, stacklevel=3)
     return cov
 
 

@@ -37,6 +37,7 @@ from typing import NamedTuple
 import numpy as np
 
 from rosim.errors import DataError, InputError
+from rosim.limits import MAX_EF, MAX_HNSW_M, MAX_NLIST, check_int
 
 FORMAT, FORMAT_VERSION = "rosim-index", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.faiss", "texts.jsonl"
@@ -61,6 +62,20 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+def _identity_of(directory: Path) -> tuple[int, int, int] | None:
+    """Which directory is at ``directory`` now: inode numbers are reused, so the change time (set
+    when a directory is created or renamed into place) comes with it."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+def _being_written(directory: Path) -> bool:
+    return (directory.parent / f".{directory.name}.lock").exists()
 
 
 def _sha256(path: Path) -> str:
@@ -141,10 +156,11 @@ class VectorIndex:
             raise InputError(f"dim must be a positive integer, got {dim!r}")
         if kind not in KINDS:
             raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        for name, value in (("nlist", nlist), ("nprobe", nprobe), ("hnsw_m", hnsw_m),
-                            ("ef_construction", ef_construction), ("ef_search", ef_search)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
+        for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
+                                  ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
+                                  ("ef_search", ef_search, MAX_EF)):
+            if value is not None:
+                check_int(name, value, 1, most)
         self.dim, self.kind = dim, kind
         self.encoder_identity = dict(encoder_identity) if encoder_identity else None
         self.pooling = pooling
@@ -423,8 +439,24 @@ class VectorIndex:
         """Read an index directory; with ``encoder``, refuse it unless it built the index.
 
         ``verify`` checks each file's size and SHA-256 against ``meta.json`` (reads the files once).
+        A save that replaces the directory while it is read (its files then disagree) makes the load
+        start again on the new directory, rather than report a damaged index.
         """
         directory = Path(directory)
+        for attempt in range(20):
+            before = _identity_of(directory)
+            try:
+                return cls._load_once(directory, encoder, verify=verify)
+            except (DataError, FileNotFoundError):
+                after = _identity_of(directory)
+                replaced = before != after or _being_written(directory)
+                if not replaced or attempt == 19:
+                    raise
+                time.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, directory: Path, encoder, *, verify: bool) -> VectorIndex:
         if not directory.exists():
             raise InputError(f"index directory not found: {directory}")
         if not directory.is_dir():
@@ -444,10 +476,12 @@ class VectorIndex:
                             f"{FORMAT_VERSION}: rebuild it")
         try:
             files, count, dim = meta["files"], int(meta["count"]), int(meta["dim"])
+            if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+                raise TypeError(f"'files' must map file names to {{bytes, sha256}}, got {files!r:.80}")
             params = dict(meta.get("params") or {})
             index = cls(dim, kind=meta["kind"], encoder_identity=meta.get("encoder"),
                         pooling=meta.get("pooling"), **params)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, InputError) as exc:
             raise DataError(f"{meta_path} is missing or has a bad field ({exc}){damaged}") from None
         for name in (VECTORS_FILE, TEXTS_FILE):
             path = directory / name

@@ -40,9 +40,13 @@ def check_texts(texts: str | Sequence[str]) -> tuple[list[str], bool]:
 
 
 def check_not_blank(texts: Sequence[str]) -> None:
+    """Every text has a visible character and is valid Unicode (:func:`rosim.limits.text_problem`)."""
+    from rosim.limits import text_problem
+
     for i, t in enumerate(texts):
-        if not t.strip():
-            raise InputError(f"text {i} is empty or whitespace only")
+        problem = text_problem(t)
+        if problem is not None:
+            raise InputError(f"text {i} {problem}")
 
 
 def progress_bar(total: int, enabled: bool | None, desc: str):

@@ -10,6 +10,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from rosim import limits
 from rosim.errors import CheckpointError, InputError
 from rosim.inference import common
 from rosim.inference.common import POOLINGS, Pooling, check_not_blank
@@ -26,10 +27,8 @@ DEFAULT_N = 100             # candidates sampled per input (RoFormer-Sim's examp
 DEFAULT_K = 20              # results kept per input
 DEFAULT_TOP_P = 0.95
 DEFAULT_MAX_NEW_TOKENS = 64  # tokens generated per candidate; input truncation is ``SimModel.max_length``
-MAX_N = 10_000              # candidates per input: beyond this a call is a mistake, not a workload
-MAX_NEW_TOKENS = 512
-MAX_SEED = 2**63 - 1
 DEFAULT_MAX_ROWS = 512      # candidate rows decoded together: bounds the key/value cache's memory
+# bounds: rosim.limits (MAX_N candidates per input, MAX_GEN_LENGTH new tokens, MAX_SEED)
 
 
 class Candidate(NamedTuple):
@@ -41,19 +40,9 @@ class Candidate(NamedTuple):
 
 def check_count(name: str, value, high: int) -> int:
     """``value`` as an int in ``[1, high]`` or an :class:`InputError` naming the bound."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise InputError(f"{name} must be an integer, got {value!r}")
-    if not 1 <= value <= high:
-        raise InputError(f"{name} must be between 1 and {high:,}, got {value}")
-    return int(value)
-
-
-def check_seed(seed) -> int | None:
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= MAX_SEED:
-        raise InputError(f"seed must be an integer between 0 and 2**63-1, got {seed!r}")
-    return int(seed)
+    if isinstance(value, np.integer):
+        value = int(value)
+    return limits.check_int(name, value, 1, high)
 
 
 def repeats_more_than_source(source: str, candidate: str) -> bool:
@@ -242,11 +231,11 @@ class SimModel:
         check_sampling_args(top_p, top_k, temperature)
         if strategy not in ("cache", "recompute"):
             raise InputError(f"strategy must be 'cache' or 'recompute', got {strategy!r}")
-        seed = check_seed(seed)
+        seed = limits.check_seed(int(seed) if isinstance(seed, np.integer) else seed)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        return {"n": check_count("n", n, MAX_N), "top_p": top_p, "top_k": top_k, "temperature": temperature,
-                "max_new": check_count("max_new_tokens", max_new_tokens, MAX_NEW_TOKENS),
+        return {"n": check_count("n", n, limits.MAX_N), "top_p": top_p, "top_k": top_k, "temperature": temperature,
+                "max_new": check_count("max_new_tokens", max_new_tokens, limits.MAX_GEN_LENGTH),
                 "strategy": strategy, "max_rows": check_count("max_rows", max_rows, 1 << 20),
                 "generator": generator}
 
@@ -409,7 +398,7 @@ class SimModel:
         """
         items, single = _check_texts(text)
         settings = self._sampling_settings(n, top_p, top_k, temperature, max_new_tokens, seed, "cache", max_rows)
-        k = min(DEFAULT_K, settings["n"]) if k is None else check_count("k", k, MAX_N)
+        k = min(DEFAULT_K, settings["n"]) if k is None else check_count("k", k, limits.MAX_N)
         if k > settings["n"]:
             raise InputError(f"k ({k}) cannot exceed n ({n}): only n candidates are generated")
         ids = self._source_ids(items)

@@ -59,11 +59,37 @@ class RoFormerSimConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, never read by the model
 
     def __post_init__(self) -> None:
-        ints = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position")
-        for name in ints:
+        from rosim import limits as lim
+
+        ints = {"vocab_size": lim.MAX_VOCAB, "hidden_size": lim.MAX_HIDDEN, "num_layers": lim.MAX_LAYERS,
+                "num_heads": lim.MAX_HEADS, "intermediate_size": lim.MAX_INTERMEDIATE,
+                "max_position": lim.MAX_POSITION, "type_vocab_size": lim.MAX_TYPE_VOCAB}
+        for name, most in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise InputError(f"config.{name} must be a positive integer, got {value!r}")
+            if value > most:
+                raise InputError(f"config.{name} = {value} exceeds rosim's limit of {most}; is the config damaged?")
+        if self.max_position < lim.MIN_POSITION:
+            raise InputError(f"config.max_position = {self.max_position} would cut every text to "
+                             f"{max(self.max_position - 2, 0)} characters; it must be at least {lim.MIN_POSITION}")
+        params = lim.estimated_parameters(self.vocab_size, self.hidden_size, self.num_layers, self.intermediate_size,
+                                          self.max_position if self.position == "absolute" else 0)
+        if params > lim.MAX_PARAMETERS:
+            raise InputError(f"config describes about {params / 1e9:.1f} billion weights, beyond rosim's limit of "
+                             f"{lim.MAX_PARAMETERS / 1e9:g} billion; is the config damaged?")
+        for name, low, high, low_open in (("layer_norm_eps", 0.0, 1.0, True), ("initializer_range", 0.0, 10.0, False),
+                                          ("rotary_base", 1.0, 1e12, False)):
+            value = getattr(self, name)
+            try:
+                lim.check_float(f"config.{name}", value, low, high, low_open=low_open)
+            except InputError as exc:
+                raise InputError(f"{exc} (in the model config)") from None
+        for name in ("with_pooler", "with_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"config.{name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.extra, dict):
+            raise InputError(f"config.extra must be an object, got {self.extra!r}")
         if self.hidden_size % self.num_heads:
             raise InputError(
                 f"config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
@@ -79,7 +105,8 @@ class RoFormerSimConfig:
         if self.hidden_act not in ("gelu", "gelu_tanh", "relu"):
             raise InputError(f"config.hidden_act must be gelu, gelu_tanh or relu, got {self.hidden_act!r}")
         for name in ("hidden_dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
                 raise InputError(f"config.{name} must be in [0, 1), got {getattr(self, name)!r}")
 
     @property

@@ -9,7 +9,12 @@ Endpoints (JSON in, JSON out; errors are ``{"error": {"code", "message", "detail
 - ``GET  /health``      model, index, limits and batching counters
 - ``GET  /``            the demo page; ``/docs`` and ``/openapi.json`` describe the API
 
-Model calls run on one dedicated thread; concurrent requests are merged by :class:`MicroBatcher`.
+Model calls run on two dedicated threads, one for generation (``/similar``) and one for the short
+calls (``/encode``, ``/similarity``, ``/search``), so that vectors are never queued behind minutes of
+sampling; concurrent requests are merged by :class:`MicroBatcher`. Each endpoint's queue is bounded
+(by requests and by the estimated wait): beyond it a request is answered 503 with ``Retry-After`` at
+once. A request whose client disconnects is cancelled and its queued work dropped; a body that does
+not arrive within ``body_timeout_s`` is answered 408.
 """
 
 import asyncio
@@ -73,10 +78,12 @@ def _error(status: int, code: str, message: str, details: list | None = None,
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed JSON"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key (when the server has one)"},
+    408: {"model": ErrorResponse, "description": "the request body did not arrive in time"},
     413: {"model": ErrorResponse, "description": "request body too large"},
     415: {"model": ErrorResponse, "description": "the body is not sent as application/json"},
     422: {"model": ErrorResponse, "description": "a field is missing, of the wrong type or beyond a limit"},
-    503: {"model": ErrorResponse, "description": "too many requests are waiting for the model"},
+    503: {"model": ErrorResponse, "description": "too much work is waiting for the model; retry after "
+          "the Retry-After header's seconds"},
     504: {"model": ErrorResponse, "description": "the request waited longer than the server's timeout"},
 }
 
@@ -175,10 +182,15 @@ def _auth_failure(given: str | None, api_key: str) -> ApiError | None:
 
 class _Gate:
     """Before a POST body is read: refuse a missing or wrong API key (401), then a body over
-    ``max_bytes`` (413, by Content-Length or by counting). The body is then replayed to the app."""
+    ``max_bytes`` (413, by Content-Length or by counting), or one that takes longer than
+    ``body_timeout_s`` to arrive (408). The body is then replayed to the app, and the connection is
+    watched: when the client disconnects before its answer, the app's handling is cancelled (so
+    queued model work for it is dropped)."""
 
-    def __init__(self, app, max_bytes: int, api_key: str | None = None):
-        self.app, self.max_bytes, self.api_key = app, max_bytes, api_key
+    def __init__(self, app, max_bytes: int, api_key: str | None = None, body_timeout_s: float = 10.0,
+                 shed=None):
+        self.app, self.max_bytes, self.api_key, self.body_timeout_s = app, max_bytes, api_key, body_timeout_s
+        self.shed = shed  # path -> QueueFull | None: a 503 given before the body is parsed
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -198,8 +210,14 @@ class _Gate:
         if declared > self.max_bytes:
             return await self._refuse(scope, receive, send)
         chunks, size = [], 0
+        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                response = _error(408, "request_timeout", f"the request body did not arrive within "
+                                  f"{self.body_timeout_s:g} s", headers={"Connection": "close"})
+                return await response(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")
@@ -209,16 +227,52 @@ class _Gate:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
-        body, delivered = b"".join(chunks), False
+        busy = self.shed(scope.get("path", "")) if self.shed is not None else None
+        if busy is not None:  # overloaded: answer before spending time on parsing and validation
+            response = _error(503, "busy", str(busy), headers={"Retry-After": str(int(busy.retry_after_s))})
+            return await response(scope, receive, send)
+        return await self._run_watched(scope, receive, send, b"".join(chunks))
+
+    async def _run_watched(self, scope, receive, send, body: bytes):
+        """Run the app on ``body``; cancel it if the client disconnects before the answer is sent."""
+        disconnected = asyncio.Event()
+        delivered = answered = False
 
         async def replay():
             nonlocal delivered
             if not delivered:
                 delivered = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
+            await disconnected.wait()
+            return {"type": "http.disconnect"}
 
-        return await self.app(scope, replay, send)
+        async def tracked_send(message):
+            nonlocal answered
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
+            await send(message)
+
+        handler = asyncio.ensure_future(self.app(scope, replay, tracked_send))
+
+        async def watch():
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    disconnected.set()
+                    if not answered and not handler.done():
+                        handler.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await handler
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if disconnected.is_set() and not (current is not None and current.cancelling()):
+                return  # the client is gone: nobody to answer
+            raise
+        finally:
+            watcher.cancel()
 
     async def _refuse(self, scope, receive, send):
         response = _error(413, "payload_too_large", f"request body exceeds {self.max_bytes} bytes")
@@ -275,11 +329,14 @@ def create_app(
     if encode_batch_size <= 0:
         raise InputError(f"encode_batch_size must be positive, got {encode_batch_size}")
     engine = _Engine(model, index, encode_batch_size)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-model")
-    common = dict(max_wait_ms=max_wait_ms, enabled=batching, max_queue=limits.max_queue)
-    encoder = MicroBatcher(engine.encode, executor, max_batch=max_batch, name="encode", **common)
-    generator = MicroBatcher(engine.similar, executor, max_batch=max_batch_rows, name="similar", **common)
-    searcher = MicroBatcher(engine.search, executor, max_batch=max_batch, name="search", **common)
+    # generation gets its own thread: a short encode never waits behind a long sampling call
+    short_calls = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-encode")
+    generation = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rosim-generate")
+    common = dict(max_wait_ms=max_wait_ms, enabled=batching, max_queue=limits.max_queue,
+                  max_queue_s=limits.max_queue_s)
+    encoder = MicroBatcher(engine.encode, short_calls, max_batch=max_batch, name="encode", **common)
+    generator = MicroBatcher(engine.similar, generation, max_batch=max_batch_rows, name="similar", **common)
+    searcher = MicroBatcher(engine.search, short_calls, max_batch=max_batch, name="search", **common)
     identity = model.identity()
     seed_ids = itertools.count()
 
@@ -294,6 +351,8 @@ def create_app(
         version="0.1.0",
         summary="RoFormer-Sim: encode, compare, generate and retrieve similar Chinese sentences.",
         lifespan=lifespan,
+        docs_url=None,  # FastAPI's Swagger UI and ReDoc load their scripts from a CDN: blank offline
+        redoc_url=None,
     )
     app.state.limits, app.state.model, app.state.index = limits, model, index
     app.state.batchers = {"encode": encoder, "similar": generator, "search": searcher}
@@ -343,7 +402,7 @@ def create_app(
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull):
-        return _error(503, "busy", str(exc), headers={"Retry-After": "1"})
+        return _error(503, "busy", str(exc), headers={"Retry-After": str(int(exc.retry_after_s))})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -437,13 +496,27 @@ def create_app(
             "limits": limits.as_dict(),
             "batching": {"enabled": batching, "max_batch": max_batch, "max_batch_rows": max_batch_rows,
                          "max_wait_ms": max_wait_ms,
-                         **{name: b.stats.as_dict() for name, b in app.state.batchers.items()}},
+                         **{name: {**b.stats.as_dict(), "queued": b.queued} for name, b in app.state.batchers.items()}},
         }
 
     @app.get("/", include_in_schema=False)
     async def demo() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        """The API described from openapi.json by a page with no external script (works offline)."""
+        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
-    app.add_middleware(_Gate, max_bytes=limits.max_body_bytes, api_key=api_key)
+    routes = {"/encode": encoder, "/similarity": encoder, "/similar": generator}
+    if index is not None:
+        routes["/search"] = searcher
+
+    def shed(path: str) -> QueueFull | None:
+        batcher = routes.get(path)
+        return None if batcher is None else batcher.refusal()
+
+    app.add_middleware(_Gate, max_bytes=limits.max_body_bytes, api_key=api_key, body_timeout_s=limits.body_timeout_s,
+                       shed=shed)
     return app

@@ -8,12 +8,21 @@ job back its own slice of the results. Jobs that queued while the model was busy
 
 With ``enabled=False`` every job is its own call (the same thread, the same queue): the baseline
 that ``benchmarks/serve.py`` compares against.
+
+Admission control: a job is refused at once (:class:`QueueFull`, answered 503 + Retry-After) when
+``max_queue`` jobs already wait, or when the rest of the call in progress, the work queued ahead of
+it and its own would take longer than ``max_queue_s`` at the speed measured on recent calls
+(seconds per unit of cost, a moving average; an idle batcher accepts any job); before the first
+call has been measured, at most one call's worth of cost may wait. A job whose
+caller has gone (its future cancelled: a client that disconnected, or a request past its deadline)
+is dropped before it reaches the model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
@@ -24,7 +33,11 @@ RunFn = Callable[[Hashable, list[Any]], Sequence[Any]]
 
 
 class QueueFull(Exception):
-    """More jobs are waiting than the batcher accepts; the server answers 503."""
+    """More work is waiting than the batcher accepts; the server answers 503 with ``Retry-After``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -44,12 +57,14 @@ class BatchStats:
     calls: int = 0
     items: int = 0
     largest_call: int = 0  # jobs merged into the largest call
-    rejected: int = 0
+    rejected: int = 0  # refused at once because the queue was full (503)
+    dropped: int = 0  # left the queue unanswered: the client disconnected or the deadline passed
     busy_s: float = 0.0  # wall time spent inside model calls
 
     def as_dict(self) -> dict[str, int | float]:
         return dict(requests=self.requests, model_calls=self.calls, items=self.items,
-                    largest_call=self.largest_call, rejected=self.rejected, model_seconds=round(self.busy_s, 3))
+                    largest_call=self.largest_call, rejected=self.rejected, dropped=self.dropped,
+                    model_seconds=round(self.busy_s, 3))
 
 
 class MicroBatcher:
@@ -61,15 +76,21 @@ class MicroBatcher:
     """
 
     def __init__(self, run: RunFn, executor: Executor, *, max_batch: int = 64, max_wait_ms: float = 5.0,
-                 enabled: bool = True, max_queue: int = 256, name: str = "batcher"):
+                 enabled: bool = True, max_queue: int = 256, max_queue_s: float | None = None,
+                 name: str = "batcher"):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         if max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        if max_queue <= 0 or (max_queue_s is not None and not max_queue_s > 0):
+            raise ValueError(f"max_queue and max_queue_s must be positive, got {max_queue} and {max_queue_s}")
         self.run, self.executor, self.name = run, executor, name
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
-        self.enabled, self.max_queue = enabled, max_queue
+        self.enabled, self.max_queue, self.max_queue_s = enabled, max_queue, max_queue_s
         self.stats = BatchStats()
+        self.seconds_per_cost: float | None = None  # moving average over model calls
+        self._running_until = 0.0  # monotonic time the call in progress is expected to end
+        self._busy = False  # a model call is in progress
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._pending: collections.deque[_Job] = collections.deque()
@@ -80,10 +101,9 @@ class MicroBatcher:
         """Queue ``items`` under ``key`` and wait for their results (in order)."""
         loop = asyncio.get_running_loop()
         self._ensure_worker(loop)
-        if len(self._pending) >= self.max_queue:
-            self.stats.rejected += 1
-            raise QueueFull(f"{len(self._pending)} requests are already waiting for the model; retry shortly")
-        job = _Job(key, list(items), max(1, len(items) if cost is None else cost), loop.create_future())
+        cost = max(1, len(items) if cost is None else cost)
+        self._admit(cost)
+        job = _Job(key, list(items), cost, loop.create_future())
         self._pending.append(job)
         self.stats.requests += 1
         self._wakeup.set()
@@ -91,7 +111,45 @@ class MicroBatcher:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Jobs waiting for the model (not counting the call in progress)."""
+        return sum(1 for j in self._pending if not j.future.done())
+
+    def queued_cost(self) -> int:
+        return sum(j.cost for j in self._pending if not j.future.done())
+
+    def estimated_wait(self, cost: int = 0) -> float | None:
+        """Seconds until a new job of ``cost`` would be answered, at the measured speed (None before any)."""
+        if self.seconds_per_cost is None:
+            return None
+        running = max(0.0, self._running_until - time.monotonic())
+        return running + (self.queued_cost() + cost) * self.seconds_per_cost
+
+    def refusal(self) -> QueueFull | None:
+        """The 503 that any new job would get now (counted as rejected), or None: lets the server shed
+        load before it parses a request."""
+        try:
+            self._admit(1)
+        except QueueFull as exc:
+            return exc
+        return None
+
+    def _admit(self, cost: int) -> None:
+        waiting = sum(1 for j in self._pending if not j.future.done())
+        if waiting >= self.max_queue:
+            self._reject(f"{waiting} requests are already waiting for the model", 1.0)
+        if self.max_queue_s is None:
+            return
+        wait = self.estimated_wait(cost)
+        if wait is None:  # nothing measured yet: let at most two calls' worth of work wait
+            if (waiting or self._busy) and self.queued_cost() + cost > max(self.max_batch, cost):
+                self._reject(f"{waiting} requests are already waiting for the model", 1.0)
+        elif wait > self.max_queue_s and (waiting or self._busy):  # idle: even a long job runs
+            self._reject(f"the work already queued would take about {wait:.1f} s (the limit is "
+                         f"{self.max_queue_s:g} s)", wait - self.max_queue_s)
+
+    def _reject(self, why: str, retry_after_s: float) -> None:
+        self.stats.rejected += 1
+        raise QueueFull(f"{self.name}: {why}; retry later", retry_after_s=max(1.0, math.ceil(retry_after_s)))
 
     async def aclose(self) -> None:
         if self._task is not None and not self._task.done():
@@ -121,6 +179,7 @@ class MicroBatcher:
         while True:
             while self._pending and self._pending[0].future.done():  # cancelled while queued
                 self._pending.popleft()
+                self.stats.dropped += 1
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -139,13 +198,18 @@ class MicroBatcher:
                         break
             jobs = self._take(oldest.key)
             if jobs:
-                await self._run_jobs(loop, oldest.key, jobs)
+                self._busy = True
+                try:
+                    await self._run_jobs(loop, oldest.key, jobs)
+                finally:
+                    self._running_until, self._busy = 0.0, False
 
     def _take(self, key: Hashable) -> list[_Job]:
         """Remove and return the oldest live jobs of ``key``, up to ``max_batch`` cost (at least one)."""
         taken, cost, rest = [], 0, collections.deque()
         for job in self._pending:
             if job.future.done():
+                self.stats.dropped += 1
                 continue
             fits = not taken or (self.enabled and cost + job.cost <= self.max_batch)
             if job.key == key and fits:
@@ -156,20 +220,27 @@ class MicroBatcher:
         self._pending = rest
         return taken
 
-    def _timed(self, key: Hashable, items: list[Any]) -> Sequence[Any]:
+    def _timed(self, key: Hashable, items: list[Any], cost: int) -> Sequence[Any]:
         start = time.perf_counter()
         try:
             return self.run(key, items)
         finally:
-            self.stats.busy_s += time.perf_counter() - start
+            took = time.perf_counter() - start
+            self.stats.busy_s += took
+            rate = took / max(cost, 1)
+            old = self.seconds_per_cost
+            self.seconds_per_cost = rate if old is None else 0.7 * old + 0.3 * rate
 
     async def _run_jobs(self, loop: asyncio.AbstractEventLoop, key: Hashable, jobs: list[_Job]) -> None:
         flat = [item for job in jobs for item in job.items]
+        cost = sum(job.cost for job in jobs)
         self.stats.calls += 1
         self.stats.items += len(flat)
         self.stats.largest_call = max(self.stats.largest_call, len(jobs))
+        if self.seconds_per_cost is not None:
+            self._running_until = time.monotonic() + cost * self.seconds_per_cost
         try:
-            results = await loop.run_in_executor(self.executor, self._timed, key, flat)
+            results = await loop.run_in_executor(self.executor, self._timed, key, flat, cost)
         except Exception as exc:
             if len(jobs) == 1:
                 if not jobs[0].future.done():

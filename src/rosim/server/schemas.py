@@ -12,7 +12,9 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from rosim.inference.sim_model import DEFAULT_K, DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TOP_P, MAX_SEED
+from rosim import limits as bounds
+from rosim.inference.sim_model import DEFAULT_K, DEFAULT_MAX_NEW_TOKENS, DEFAULT_N, DEFAULT_TOP_P
+from rosim.limits import text_problem
 
 
 @dataclass(frozen=True)
@@ -26,21 +28,28 @@ class Limits:
     max_gen_length: int = 64       # tokens generated per candidate (max_new_tokens)
     max_k: int = 100               # neighbours per query from /search
     max_body_bytes: int = 1 << 20  # request body size
-    max_queue: int = 256           # requests waiting for the model before 503
+    max_queue: int = 256           # requests waiting for the model (per endpoint) before 503
     request_timeout_s: float = 60.0  # time a request may wait for its result before 504
+    max_queue_s: float = 5.0       # estimated wait for the model (per endpoint) beyond which a request gets 503
+    body_timeout_s: float = 10.0   # time to receive a whole request body before 408
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
             if not value > 0:
                 raise ValueError(f"limit {name} must be positive, got {value!r}")
+        for name, most in (("max_n", bounds.MAX_N), ("max_gen_rows", bounds.MAX_GEN_ROWS),
+                           ("max_gen_length", bounds.MAX_GEN_LENGTH), ("max_k", bounds.MAX_SEARCH_K)):
+            if getattr(self, name) > most:
+                raise ValueError(f"limit {name} must be at most {most} (rosim.limits), got {getattr(self, name)}")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("text is empty or whitespace only")
+    problem = text_problem(text)
+    if problem is not None:
+        raise ValueError(f"text {problem}")
     return text
 
 
@@ -97,7 +106,7 @@ def build_request_models(limits: Limits) -> SimpleNamespace:
         top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, description="nucleus sampling threshold")
         max_new_tokens: int = Field(min(DEFAULT_MAX_NEW_TOKENS, limits.max_gen_length), ge=1,
                                     le=limits.max_gen_length, description="tokens generated per candidate")
-        seed: int | None = Field(None, ge=0, le=MAX_SEED,
+        seed: int | None = Field(None, ge=0, le=bounds.MAX_SEED,
                                  description="fixes the sampling; a seeded request is never merged with others")
 
         @model_validator(mode="after")

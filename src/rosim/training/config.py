@@ -26,8 +26,11 @@ Example (every key optional except the data sources and, for a fresh model, a vo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +170,7 @@ def _build(cls, data: Any, where: str):
     if unknown:
         raise InputError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(k for k in fields if k != 'source_file')}")
     kwargs = {}
+    hints = typing.get_type_hints(cls)
     for name, value in data.items():
         sub = {"model": ModelSection, "data": DataSection, "noise": NoiseSection, "loss": LossSection,
                "train": TrainSection, "teacher": TeacherSection}.get(name) if cls is TrainConfig else None
@@ -176,11 +180,61 @@ def _build(cls, data: Any, where: str):
             if not isinstance(value, list):
                 raise InputError(f"{where} sources must be a list of {{path = ..., ratio = ...}} tables")
             value = [_build(SourceSection, v, f"{where} sources[{i}]") for i, v in enumerate(value)]
+        else:
+            _check_type(value, hints.get(name, Any), f"{where} {name}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise InputError(f"{where}: {exc}") from None
+
+
+def _describe(hint) -> str:
+    if hint is float:
+        return "a number"
+    if hint is int:
+        return "an integer"
+    if hint is str:
+        return "a string"
+    if hint is bool:
+        return "true or false"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    if origin is dict:
+        return "a table"
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join("nothing" if a is type(None) else _describe(a) for a in args)
+    return str(hint)
+
+
+def _matches(value: Any, hint) -> bool:
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, a) for a in args)
+    if origin is list:
+        return isinstance(value, list) and (not args or all(_matches(v, args[0]) for v in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _check_type(value: Any, hint, where: str) -> None:
+    """The one schema check of a config value: its type, from the dataclass annotation."""
+    if not _matches(value, hint):
+        raise InputError(f"{where} must be {_describe(hint)}, got {value!r:.80}")
 
 
 def config_from_dict(data: dict, *, base_dir: str | os.PathLike | None = None) -> TrainConfig:

@@ -491,6 +491,7 @@ class Trainer:
         t = self.cfg.train
         ctx = StepContext(world=self.world, rank=self.rank, device=self.device,
                           autocast_dtype=self.autocast_dtype, chunk_size=t.chunk_size)
+        created = self._created_files() if self.rank == 0 else []
         if self.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.out_dir / ".train_config.json.tmp"
@@ -548,6 +549,13 @@ class Trainer:
                     window_start = time.perf_counter()
                 if self.step % t.save_every == 0 or self.step == t.steps:
                     self.save()
+        except InputError:
+            if self.step == 0 and created:  # unusable data or config before any step: leave no run behind
+                if log_file is not None:
+                    log_file.close()
+                    log_file = None
+                _remove_created(created)
+            raise
         finally:
             bar.close()
             if log_file is not None:
@@ -562,11 +570,30 @@ class Trainer:
         self._barrier()
         return final
 
+    def _created_files(self) -> list[Path]:
+        """What train() is about to create (for removal if the run fails before its first step)."""
+        paths = [self.out_dir / name for name in ("train_config.json", "log.jsonl")]
+        missing = [p for p in paths if not p.exists()]
+        if not self.out_dir.exists():
+            missing.append(self.out_dir)
+        return missing if self.step == 0 else []
+
     def close(self) -> None:
         if self.prefetcher is not None:
             self.prefetcher.close()
         if self.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _remove_created(paths: list[Path]) -> None:
+    for p in paths:
+        try:
+            if p.is_dir():
+                p.rmdir()  # only when empty
+            else:
+                p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def train(cfg: TrainConfig, stage: str, **kwargs) -> Path:
