@@ -39,3 +39,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``rosim ARGV`` in-process: (exit code, stdout, stderr)."""
+    from rosim.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

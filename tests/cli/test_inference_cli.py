@@ -4,21 +4,9 @@ import json
 
 import pytest
 
-from rosim.checkpoints.io import save_checkpoint
-from rosim.cli import main
-from tests.helpers import SENTENCES, tiny_model
+from tests.helpers import SENTENCES, run_cli
 
 FAST = ["-n", "6", "-k", "3", "--max-new-tokens", "6"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    model, tok = tiny_model(seed=0)
-    save_checkpoint(root / "a", model, tok)
-    model, tok = tiny_model(seed=1)
-    save_checkpoint(root / "b", model, tok)
-    return root
 
 
 @pytest.fixture
@@ -28,10 +16,7 @@ def questions(tmp_path):
     return p
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_similar_texts_json(capsys, ckpt):

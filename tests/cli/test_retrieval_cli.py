@@ -5,19 +5,7 @@ import json
 import pytest
 import torch
 
-from rosim.checkpoints.io import save_checkpoint
-from rosim.cli import main
-from tests.helpers import SENTENCES, tiny_model
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    model, tok = tiny_model(seed=0)
-    save_checkpoint(root / "a", model, tok)
-    model, tok = tiny_model(seed=1)
-    save_checkpoint(root / "b", model, tok)
-    return root
+from tests.helpers import SENTENCES, run_cli
 
 
 @pytest.fixture
@@ -35,10 +23,7 @@ def pairs(tmp_path):
     return p
 
 
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
+run = run_cli
 
 
 def test_build_search_add_info(capsys, ckpt, corpus, tmp_path):
