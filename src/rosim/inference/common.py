@@ -14,17 +14,20 @@ Pooling = Literal["pooler", "cls", "mean", "first-last-mean"]
 POOLINGS = ("pooler", "cls", "mean", "first-last-mean")
 
 
-def progress(iterable, total: int, enabled: bool | None, desc: str):
-    """tqdm over ``iterable``; ``enabled=None`` shows it only on a terminal and for more than one step."""
+def _shown(total: int, enabled: bool | None) -> bool:
+    """``enabled``, or for None: on a terminal and for more than one step."""
     import sys
 
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > 1
-    if not enabled:
+    return bool(enabled) if enabled is not None else sys.stderr.isatty() and total > 1
+
+
+def progress(iterable, total: int, enabled: bool | None, desc: str):
+    """tqdm over ``iterable``; ``enabled=None`` shows it only on a terminal and for more than one step."""
+    if not _shown(total, enabled):
         return iterable  # tqdm.auto costs ~0.1 s to import (asyncio); a short-lived `rosim sim` skips it
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, disable=not enabled, leave=False)
+    return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
 def check_texts(texts: str | Sequence[str]) -> tuple[list[str], bool]:
@@ -51,11 +54,7 @@ def check_not_blank(texts: Sequence[str]) -> None:
 
 def progress_bar(total: int, enabled: bool | None, desc: str):
     """A bar to ``update(k)`` and ``close()``: tqdm on a terminal (``enabled=None``), else a no-op."""
-    import sys
-
-    if enabled is None:
-        enabled = sys.stderr.isatty() and total > 1
-    if not enabled:
+    if not _shown(total, enabled):
         return _NoBar()
     from tqdm.auto import tqdm
 
@@ -71,15 +70,18 @@ class _NoBar:
 
 
 def similarity(encode, a: str | Sequence[str], b: str | Sequence[str], *, batch_size: int = 64):
-    """Cosine of every text of ``a`` with every text of ``b`` under ``encode`` (normalised vectors).
-
-    The shape follows the argument forms, never the lengths: ``(str, str)`` → float,
-    ``(str, list)`` → ``(len(b),)``, ``(list, str)`` → ``(len(a),)``, ``(list, list)`` → the
-    ``(len(a), len(b))`` matrix. Texts shared by ``a`` and ``b`` are encoded once.
-    """
+    """Cosine of every text of ``a`` with every text of ``b`` under ``encode`` (normalised vectors),
+    shaped by :func:`scores_by_forms`. Texts shared by ``a`` and ``b`` are encoded once."""
     a_items, a_single = check_texts(a)
     b_items, b_single = check_texts(b)
     va, vb = _encode_both(encode, a_items, b_items, batch_size)
+    return scores_by_forms(va, vb, a_single=a_single, b_single=b_single)
+
+
+def scores_by_forms(va: np.ndarray, vb: np.ndarray, *, a_single: bool, b_single: bool):
+    """Cosines of normalised ``va`` and ``vb`` shaped by the argument forms, never the lengths:
+    ``(str, str)`` → float, ``(str, list)`` → ``(len(b),)``, ``(list, str)`` → ``(len(a),)``,
+    ``(list, list)`` → the ``(len(a), len(b))`` matrix (the rule of ``similarity`` everywhere)."""
     scores = va @ vb.T
     if a_single and b_single:
         return float(scores[0, 0])
@@ -100,8 +102,14 @@ def similarity_pairwise(encode, a: Sequence[str], b: Sequence[str], *, batch_siz
     return np.einsum("ij,ij->i", va, vb)
 
 
-def _encode_both(encode, a: list[str], b: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def unique_texts(a: list[str], b: list[str]) -> tuple[list[str], list[int], list[int]]:
+    """The distinct texts of ``a + b`` (first-seen order) and the row of each text of ``a`` and ``b``."""
     unique = list(dict.fromkeys(a + b))
-    vecs = encode(unique, batch_size=batch_size)
     row = {t: i for i, t in enumerate(unique)}
-    return vecs[[row[t] for t in a]], vecs[[row[t] for t in b]]
+    return unique, [row[t] for t in a], [row[t] for t in b]
+
+
+def _encode_both(encode, a: list[str], b: list[str], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    unique, rows_a, rows_b = unique_texts(a, b)
+    vecs = encode(unique, batch_size=batch_size)
+    return vecs[rows_a], vecs[rows_b]

@@ -37,6 +37,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rosim.errors import InputError
+from rosim.inference.common import scores_by_forms, unique_texts
 from rosim.server.batching import MicroBatcher, QueueFull
 from rosim.server.schemas import (
     EncodeResponse,
@@ -429,11 +430,10 @@ def create_app(
         return EncodeResponse(dim=int(vecs.shape[1]), embeddings=vecs.astype(np.float32).tolist())
 
     async def cosines(a: list[str], b: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        unique = list(dict.fromkeys(a + b))
+        unique, rows_a, rows_b = unique_texts(a, b)
         vecs = np.stack(await run(encoder, "encode", unique))
         vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        row = {t: i for i, t in enumerate(unique)}
-        return vecs[[row[t] for t in a]], vecs[[row[t] for t in b]]
+        return vecs[rows_a], vecs[rows_b]
 
     @app.post("/similarity", response_model=SimilarityResponse, responses=_ERRORS, dependencies=guarded,
               tags=["model"])
@@ -441,12 +441,9 @@ def create_app(
         """Cosine similarity of every text of ``a`` with every text of ``b``: a number for two strings,
         a list for a string and a list, a matrix (one row per text of ``a``) for two lists."""
         va, vb = await cosines(as_list(body.a), as_list(body.b))
-        scores = (va @ vb.T).astype(float)
-        if isinstance(body.a, str) and isinstance(body.b, str):
-            return SimilarityResponse(scores=float(scores[0, 0]))
-        if isinstance(body.a, str) or isinstance(body.b, str):
-            return SimilarityResponse(scores=(scores[0] if isinstance(body.a, str) else scores[:, 0]).tolist())
-        return SimilarityResponse(scores=scores.tolist())
+        scores = scores_by_forms(va.astype(float), vb.astype(float), a_single=isinstance(body.a, str),
+                                 b_single=isinstance(body.b, str))
+        return SimilarityResponse(scores=scores if isinstance(scores, float) else scores.tolist())
 
     @app.post("/similarity/pairwise", response_model=PairwiseResponse, responses=_ERRORS, dependencies=guarded,
               tags=["model"])
