@@ -21,12 +21,9 @@ def run(capsys, *argv):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Checkpoints a and b (different weights) and the ONNX exports of both, made through the CLI."""
-    root = tmp_path_factory.mktemp("models")
-    for name, seed in (("a", 0), ("b", 1)):
-        model, tok = tiny_model(seed=seed)
-        save_checkpoint(root / name, model, tok)
+def models(ckpt):
+    """Checkpoints a and b (different weights, tests/cli/conftest.py) and the ONNX exports of both, made through the CLI."""
+    root = ckpt
     assert main(["export", "onnx", str(root / "a"), str(root / "a-onnx")]) == 0
     assert main(["export", "onnx", str(root / "b"), str(root / "b-onnx"), "--no-int8"]) == 0
     return root
