@@ -129,10 +129,13 @@ def test_sample_top_p_matches_the_sort_based_sampler():
     from rosim.inference.sampling import sample_top_p
 
     g = torch.Generator().manual_seed(0)
-    logits = torch.cat([torch.randn(300, 500, generator=g) * s for s in (0.5, 2.0, 5.0, 12.0)])  # flat..peaked
-    logits[:50] = 0.0  # uniform rows: the nucleus is far wider than the candidates (fall-back path)
+    logits = torch.cat([torch.randn(200, 2000, generator=g) * s for s in (0.5, 1.5, 2.0, 3.0, 5.0, 12.0)])
+    logits[:50] = 0.0  # uniform rows: the nucleus is far wider than every candidate width (full sort)
     for top_p in (0.5, 0.9, 0.95):
         ref_logp = filter_logits(logits, top_p=top_p)
+        width = torch.isfinite(ref_logp).sum(-1)
+        if top_p == 0.95:  # every path is taken: within 64, within 512, wider than 512
+            assert bool((width <= 60).any() and ((width > 70) & (width < 500)).any() and (width > 512).any())
         ga, gb = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
         fast = sample_top_p(logits, top_p, generator=ga)
         ref = sample(ref_logp, gb)

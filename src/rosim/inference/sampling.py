@@ -52,24 +52,20 @@ def sample(logp: torch.Tensor, generator: torch.Generator | None = None, u: torc
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def sample_top_p(logits: torch.Tensor, top_p: float, *, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, candidates: int = 64) -> torch.Tensor:
-    """``sample(filter_logits(logits, top_p=top_p, temperature=temperature), generator)`` without
-    sorting the vocabulary when the nucleus lies within the ``candidates`` most probable tokens.
+def _draw_within_top(logp: torch.Tensor, u: torch.Tensor, top_p: float, k: int, extra: int):
+    """Draw one token per row with ``u`` from the nucleus, looking only at the ``k`` most probable
+    tokens. Returns ``(ids, ok)``; ``ids`` is meaningful only where ``ok``.
 
-    ``topk`` finds the candidates; ordered by (probability desc, id asc) their exclusive float64
-    cumulative mass gives the same kept prefix as the full stable sort, provided the token that
-    crosses ``p`` is strictly more probable than the last candidate (so no token outside the
-    candidates can tie with or precede it). Rows where that fails take the full sort. The token is
-    drawn with the same uniform ``u`` per row and the same inverse CDF in id order over the kept
-    tokens; only the summation order of the renormalising constant differs (last-bit effects).
+    Ordered by (probability desc, id asc), the candidates' exclusive float64 cumulative mass gives
+    the same kept prefix as a full stable sort of the vocabulary, provided the token that crosses
+    ``p`` is strictly more probable than the last candidate (``ok``): then no token outside the
+    candidates can tie with or precede it. The draw is the inverse CDF in id order over the kept
+    tokens, as in :func:`sample`. ``room`` is how much mass the next ``extra`` tokens could add at
+    most (each is at most as probable as the last candidate): a row whose candidate mass plus that
+    room stays below ``p`` cannot find its nucleus within ``k + extra`` tokens either.
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    n, vocab = logp.shape
-    u = torch.rand(n, 1, generator=generator, device=logp.device, dtype=logp.dtype)
-    if top_p >= 1.0 or candidates >= vocab:
-        return sample(filter_logits(logits, top_p=top_p, temperature=temperature), u=u)
-    vals, idx = torch.topk(logp, candidates, dim=-1)
+    vocab = logp.shape[-1]
+    vals, idx = torch.topk(logp, k, dim=-1)
     by_id = torch.argsort(idx, dim=-1)
     vals, idx = vals.gather(-1, by_id), idx.gather(-1, by_id)
     order = torch.sort(vals, dim=-1, descending=True, stable=True).indices
@@ -77,23 +73,57 @@ def sample_top_p(logits: torch.Tensor, top_p: float, *, temperature: float = 1.0
     mass = vals.exp().double().cumsum(dim=-1)
     before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)
     keep = before < top_p
-    n_keep = keep.sum(-1)
-    last_kept = vals.gather(-1, (n_keep - 1).clamp(min=0)[:, None]).squeeze(-1)
-    fast = ~keep[:, -1] & (last_kept > vals[:, -1])
-    out = torch.empty(n, dtype=torch.long, device=logp.device)
-    if bool(fast.all()):
-        rows = slice(None)
-    else:
-        slow = (~fast).nonzero().squeeze(-1)
-        out[slow] = sample(filter_logits(logits[slow], top_p=top_p, temperature=temperature), u=u[slow])
-        rows = fast.nonzero().squeeze(-1)
-    v, i, k = vals[rows], idx[rows], keep[rows]
-    kept_logp = v.masked_fill(~k, float("-inf"))
-    probs = torch.log_softmax(kept_logp, dim=-1).exp()
-    ids = i.masked_fill(~k, vocab)  # dropped candidates sort after every kept id
+    last_kept = vals.gather(-1, (keep.sum(-1) - 1).clamp(min=0)[:, None]).squeeze(-1)
+    ok = ~keep[:, -1] & (last_kept > vals[:, -1])
+    probs = torch.log_softmax(vals.masked_fill(~keep, float("-inf")), dim=-1).exp()
+    ids = idx.masked_fill(~keep, vocab)  # dropped candidates sort after every kept id
     id_order = torch.argsort(ids, dim=-1)
     probs, ids = probs.gather(-1, id_order), ids.gather(-1, id_order)
     cdf = probs.cumsum(dim=-1)
-    pos = torch.searchsorted(cdf, u[rows] * cdf[:, -1:]).squeeze(-1).clamp(max=candidates - 1)
-    out[rows] = ids.gather(-1, pos[:, None]).squeeze(-1).clamp(max=vocab - 1)
+    pos = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1).clamp(max=k - 1)
+    hopeless = mass[:, -1] + extra * vals[:, -1].double().exp() < top_p
+    return ids.gather(-1, pos[:, None]).squeeze(-1).clamp(max=vocab - 1), ok, hopeless
+
+
+def sample_top_p(logits: torch.Tensor, top_p: float, *, temperature: float = 1.0,
+                 generator: torch.Generator | None = None, candidates: tuple[int, ...] = (64, 512)) -> torch.Tensor:
+    """``sample(filter_logits(logits, top_p=top_p, temperature=temperature), generator)`` without
+    sorting the vocabulary.
+
+    Each row first looks for its nucleus among its ``candidates[0]`` most probable tokens
+    (:func:`_draw_within_top`); the rows whose nucleus is wider try the next width, and only rows
+    wider than the last width take the full sort (at once, when a bound shows the next width cannot
+    hold their nucleus: near-uniform rows). A full sort of 100 x 6,000 float32 costs ~70 ms
+    on one core, a top-64 ~5 ms, and after a few steps almost every row's nucleus fits in 64. The
+    draws use the same uniform ``u`` per row as :func:`sample`; only the summation order of the
+    renormalising constant differs from the reference (last-bit effects).
+    """
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    n, vocab = logp.shape
+    u = torch.rand(n, 1, generator=generator, device=logp.device, dtype=logp.dtype)
+    out = torch.empty(n, dtype=torch.long, device=logp.device)
+    rows = None  # None: every row, without indexing
+    widths = [k for k in candidates if k < vocab]
+    sorted_rows = torch.empty(0, dtype=torch.long, device=logp.device)  # rows that need the full sort
+    if top_p < 1.0:
+        for level, k in enumerate(widths):
+            extra = (widths[level + 1] if level + 1 < len(widths) else vocab) - k
+            sub_logp, sub_u = (logp, u) if rows is None else (logp[rows], u[rows])
+            ids, ok, hopeless = _draw_within_top(sub_logp, sub_u, top_p, k, extra)
+            if rows is None and bool(ok.all()):
+                return ids
+            if rows is None:
+                rows = torch.arange(n, device=logp.device)
+            out[rows[ok]] = ids[ok]
+            sorted_rows = torch.cat([sorted_rows, rows[~ok & hopeless]])
+            rows = rows[~ok & ~hopeless]
+            if len(rows) == 0:
+                break
+        if rows is not None:
+            rows = torch.cat([sorted_rows, rows])
+            if len(rows) == 0:
+                return out
+    if rows is None:
+        return sample(filter_logits(logits, top_p=top_p, temperature=temperature), u=u)
+    out[rows] = sample(filter_logits(logits[rows], top_p=top_p, temperature=temperature), u=u[rows])
     return out
