@@ -54,15 +54,15 @@ def sample(logp: torch.Tensor, generator: torch.Generator | None = None, u: torc
 
 def _draw_within_top(logp: torch.Tensor, u: torch.Tensor, top_p: float, k: int, extra: int):
     """Draw one token per row with ``u`` from the nucleus, looking only at the ``k`` most probable
-    tokens. Returns ``(ids, ok)``; ``ids`` is meaningful only where ``ok``.
+    tokens. Returns ``(ids, ok, hopeless)``; ``ids`` is meaningful only where ``ok``.
 
     Ordered by (probability desc, id asc), the candidates' exclusive float64 cumulative mass gives
     the same kept prefix as a full stable sort of the vocabulary, provided the token that crosses
     ``p`` is strictly more probable than the last candidate (``ok``): then no token outside the
     candidates can tie with or precede it. The draw is the inverse CDF in id order over the kept
-    tokens, as in :func:`sample`. ``room`` is how much mass the next ``extra`` tokens could add at
-    most (each is at most as probable as the last candidate): a row whose candidate mass plus that
-    room stays below ``p`` cannot find its nucleus within ``k + extra`` tokens either.
+    tokens, as in :func:`sample`. ``hopeless``: the next ``extra`` tokens can add at most ``extra``
+    times the last candidate's probability, so a row whose candidate mass plus that stays below
+    ``p`` cannot find its nucleus within ``k + extra`` tokens either.
     """
     vocab = logp.shape[-1]
     vals, idx = torch.topk(logp, k, dim=-1)
@@ -102,28 +102,19 @@ def sample_top_p(logits: torch.Tensor, top_p: float, *, temperature: float = 1.0
     n, vocab = logp.shape
     u = torch.rand(n, 1, generator=generator, device=logp.device, dtype=logp.dtype)
     out = torch.empty(n, dtype=torch.long, device=logp.device)
-    rows = None  # None: every row, without indexing
-    widths = [k for k in candidates if k < vocab]
-    sorted_rows = torch.empty(0, dtype=torch.long, device=logp.device)  # rows that need the full sort
-    if top_p < 1.0:
-        for level, k in enumerate(widths):
-            extra = (widths[level + 1] if level + 1 < len(widths) else vocab) - k
-            sub_logp, sub_u = (logp, u) if rows is None else (logp[rows], u[rows])
-            ids, ok, hopeless = _draw_within_top(sub_logp, sub_u, top_p, k, extra)
-            if rows is None and bool(ok.all()):
-                return ids
-            if rows is None:
-                rows = torch.arange(n, device=logp.device)
-            out[rows[ok]] = ids[ok]
-            sorted_rows = torch.cat([sorted_rows, rows[~ok & hopeless]])
-            rows = rows[~ok & ~hopeless]
-            if len(rows) == 0:
-                break
-        if rows is not None:
-            rows = torch.cat([sorted_rows, rows])
-            if len(rows) == 0:
-                return out
-    if rows is None:
-        return sample(filter_logits(logits, top_p=top_p, temperature=temperature), u=u)
-    out[rows] = sample(filter_logits(logits[rows], top_p=top_p, temperature=temperature), u=u[rows])
+    rows = torch.arange(n, device=logp.device)  # rows still looking for their nucleus
+    full_sort = []  # rows that take the full sort
+    widths = [k for k in candidates if k < vocab] if top_p < 1.0 else []
+    for k, next_k in zip(widths, widths[1:] + [vocab], strict=True):
+        whole = len(rows) == n  # no copy of the logits while every row is still here
+        ids, ok, hopeless = _draw_within_top(logp if whole else logp[rows], u if whole else u[rows],
+                                             top_p, k, next_k - k)
+        out[rows[ok]] = ids[ok]
+        full_sort.append(rows[~ok & hopeless])
+        rows = rows[~ok & ~hopeless]
+        if len(rows) == 0:
+            break
+    rows = torch.cat([*full_sort, rows])
+    if len(rows):
+        out[rows] = sample(filter_logits(logits[rows], top_p=top_p, temperature=temperature), u=u[rows])
     return out
