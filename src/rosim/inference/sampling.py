@@ -16,6 +16,12 @@ def check_sampling_args(top_p: float | None, top_k: int | None, temperature: flo
         raise InputError(f"temperature must be > 0, got {temperature}")
 
 
+def _tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature`` in float32; at temperature 1 (exact identity) without the pass."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def filter_logits(logits: torch.Tensor, *, top_p: float | None = None, top_k: int | None = None,
                   temperature: float = 1.0) -> torch.Tensor:
     """Return log-probabilities ``(N, V)`` after temperature, top-k and top-p; removed tokens are -inf.
@@ -23,7 +29,7 @@ def filter_logits(logits: torch.Tensor, *, top_p: float | None = None, top_k: in
     The nucleus keeps the most probable tokens up to **and including** the one whose cumulative
     probability first reaches ``top_p`` (bert4keras ``random_sample``), so at least one token stays.
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_tempered(logits, temperature), dim=-1)
     if top_k is not None and top_k < logp.shape[-1]:
         kth = torch.topk(logp, top_k, dim=-1).values[..., -1:]
         logp = logp.masked_fill(logp < kth, float("-inf"))
@@ -98,7 +104,7 @@ def sample_top_p(logits: torch.Tensor, top_p: float, *, temperature: float = 1.0
     draws use the same uniform ``u`` per row as :func:`sample`; only the summation order of the
     renormalising constant differs from the reference (last-bit effects).
     """
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(_tempered(logits, temperature), dim=-1)
     n, vocab = logp.shape
     u = torch.rand(n, 1, generator=generator, device=logp.device, dtype=logp.dtype)
     out = torch.empty(n, dtype=torch.long, device=logp.device)

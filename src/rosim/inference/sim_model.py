@@ -293,8 +293,7 @@ class SimModel:
         last = res.last_hidden_state[torch.arange(len(src), device=device), enc.attention_mask.sum(1) - 1]
         logits = model.lm_logits(last).repeat_interleave(n, dim=0)
         width = enc.input_ids.shape[1]
-        cache = KVCache(tuple((k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in res.past_key_values),
-                        capacity=width + max_new)
+        cache = KVCache(res.past_key_values, capacity=width + max_new, repeat=n)
         key_mask = torch.ones(total, width + max_new, dtype=torch.long, device=device)
         key_mask[:, :width] = enc.attention_mask.repeat_interleave(n, dim=0)
         tokens = torch.full((total, max_new), -1, dtype=torch.long, device=device)  # -1: never generated

@@ -245,17 +245,19 @@ class KVCache:
 
     Pass it as ``past_key_values``; ``forward`` appends the new keys of every layer and advances
     ``length``. ``select(rows)`` keeps only some rows (finished rows leave the batch).
+    ``repeat`` copies each row of ``past`` that many times (one source, ``n`` samples), without the
+    intermediate ``repeat_interleave``.
     """
 
-    def __init__(self, past: tuple[tuple[torch.Tensor, torch.Tensor], ...], capacity: int):
+    def __init__(self, past: tuple[tuple[torch.Tensor, torch.Tensor], ...], capacity: int, repeat: int = 1):
         batch, heads, length, size = past[0][0].shape
         if capacity < length:
             raise InputError(f"cache capacity {capacity} is below the {length} positions already cached")
-        self.keys = [k.new_empty(batch, heads, capacity, size) for k, _ in past]
-        self.values = [v.new_empty(batch, heads, capacity, size) for _, v in past]
-        for i, (k, v) in enumerate(past):
-            self.keys[i][:, :, :length] = k
-            self.values[i][:, :, :length] = v
+        self.keys = [k.new_empty(batch * repeat, heads, capacity, size) for k, _ in past]
+        self.values = [v.new_empty(batch * repeat, heads, capacity, size) for _, v in past]
+        for buffers, tensors in ((self.keys, [k for k, _ in past]), (self.values, [v for _, v in past])):
+            for buf, t in zip(buffers, tensors, strict=True):  # row b of ``past`` fills rows b*repeat ...
+                buf.view(batch, repeat, heads, capacity, size)[:, :, :, :length] = t[:, None]
         self.length, self.capacity = length, capacity
 
     def __len__(self) -> int:
@@ -270,8 +272,13 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def select(self, rows: torch.Tensor) -> None:
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+        """Keep ``rows`` (in that order) at the front of the buffers, copying only the ``length``
+        positions filled so far rather than the whole capacity; the buffers keep their storage."""
+        n, end = len(rows), self.length
+        for buffers in (self.keys, self.values):
+            for i, buf in enumerate(buffers):
+                buf[:n, :, :end] = buf[rows, :, :end]  # the right side is a copy: safe in place
+                buffers[i] = buf[:n]
 
 
 class _LayerCache:
