@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,18 +35,24 @@ def questions(count: int) -> list[str]:
     return list(seen)[:count]
 
 
+# runs its arguments as a command and prints that command's peak RSS (KiB) last on stderr: a
+# process' RUSAGE_CHILDREN keeps the largest child it ever had, so each run needs its own parent
+PEAK_OF_CHILD = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
 def run(src: Path, qfile: Path, out: Path, threads: int, extra: list[str]) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [sys.executable, "-c", "import sys; from rosim.cli import main; sys.exit(main())", "similar",
            "--file", str(qfile), "-o", str(out), "-n", "100", "-k", "20", "--seed", "0", "-q", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True)
+    res = subprocess.run([sys.executable, "-c", PEAK_OF_CHILD, *cmd], env=env, check=True, stderr=subprocess.PIPE,
+                         text=True)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest child so far, in KiB
+    peak_kib = int(res.stderr.strip().splitlines()[-1])
     lines = out.read_text(encoding="utf-8").splitlines()
     return {"wall_s": round(wall, 1), "sentences_per_s": round(len(lines) / wall, 3),
-            "peak_rss_mib": round(max(peak, before) / 1024, 1), "lines": len(lines)}
+            "peak_rss_mib": round(peak_kib / 1024, 1), "lines": len(lines)}
 
 
 def main() -> None:

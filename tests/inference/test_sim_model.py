@@ -230,9 +230,9 @@ def _fake_generation(sim, monkeypatch, outs: list[str]):
     """Make the generator return ``outs`` (as ids) for every source."""
     rows = [sim.tokenizer.encode_ids(o) for o in outs]
 
-    def chunks(src, settings):
+    def chunks(src, settings, with_fluency=False):
         order = list(range(len(src)))
-        yield order, [list(r) for _ in order for r in rows]
+        yield order, [list(r) for _ in order for r in rows], None
 
     monkeypatch.setattr(sim, "_generate_chunks", chunks)
 
@@ -369,3 +369,31 @@ def test_similar_scores_candidates_from_their_ids(sim, monkeypatch):
     monkeypatch.setattr(sim, "_encode_ids", lambda ids, **kw: seen.append(ids) or real(ids, **kw))
     res = sim.similar(["今天天气不错", "你好"], n=4, k=2, seed=1, max_new_tokens=6)
     assert len(res) == 2 and seen
+
+
+def test_fluency_read_off_the_decoder_equals_teacher_forcing(sim):
+    srcs = sim._prepare_sources(sim._source_ids(["今天天气不错", "广州和深圳哪个好？"]), None)
+    settings = sim._sampling_settings(64, 0.95, None, 1.0, 40, 5, "cache", 512)
+    rows, fluency = sim._generate_ids(srcs, 64, settings, with_fluency=True)
+    ended = ~np.isnan(fluency)
+    assert 10 < ended.sum() < len(rows)  # both kinds occur: rows that sampled [SEP] and rows cut at 40 tokens
+    assert all(len(r) == 40 for r, e in zip(rows, ended, strict=True) if not e)
+    src_ids = sim._source_ids(["今天天气不错", "广州和深圳哪个好？"])
+    owners = [src_ids[i // 64] for i in range(len(rows))]
+    ref = sim._fluency_ids(owners, rows)
+    np.testing.assert_allclose(fluency[ended], ref[ended], atol=1e-4)
+
+
+def test_similar_ranks_the_same_with_fluency_from_the_decoder(sim, monkeypatch):
+    texts = ["今天天气不错", "我喜欢北京"]
+    fast = sim.similar(texts, n=30, k=10, seed=3, max_new_tokens=12, min_fluency=-4.0)
+    original = sim._generate_chunks
+
+    def without(src, settings, with_fluency=False):  # the generator does not report fluency: _rank computes it
+        for chunk, rows, _ in original(src, settings):
+            yield chunk, rows, None
+
+    monkeypatch.setattr(sim, "_generate_chunks", without)
+    slow = sim.similar(texts, n=30, k=10, seed=3, max_new_tokens=12, min_fluency=-4.0)
+    assert [[c.text for c in r] for r in fast] == [[c.text for c in r] for r in slow]
+    np.testing.assert_allclose([c.score for r in fast for c in r], [c.score for r in slow for c in r], atol=1e-6)

@@ -222,7 +222,7 @@ class SimModel:
         settings = self._sampling_settings(n, top_p, top_k, temperature, max_new_tokens, seed, strategy, max_rows)
         src = self._prepare_sources(self._source_ids(items), mask_idxs)
         texts: list[list[str]] = [[] for _ in items]
-        for chunk, rows in self._generate_chunks(src, settings):
+        for chunk, rows, _ in self._generate_chunks(src, settings):
             for j, i in enumerate(chunk):
                 texts[i] = [self.tokenizer.decode(r) for r in rows[j * settings["n"]:(j + 1) * settings["n"]]]
         return texts[0] if single else texts
@@ -250,24 +250,33 @@ class SimModel:
                     row[p] = tok.mask_id
         return src
 
-    def _generate_chunks(self, src: list[list[int]], settings: dict):
-        """Yield ``(source indices, n rows of ids per source)`` over length-sorted groups of sources
-        holding at most ``max_rows`` rows (one source alone when ``n`` exceeds it, split into parts)."""
+    def _generate_chunks(self, src: list[list[int]], settings: dict, *, with_fluency: bool = False):
+        """Yield ``(source indices, n rows of ids per source, their fluency or None)`` over
+        length-sorted groups of sources holding at most ``max_rows`` rows (one source alone when
+        ``n`` exceeds it, split into parts). See :meth:`_generate_ids` for ``with_fluency``."""
         n, max_rows = settings["n"], settings["max_rows"]
         per = max(1, max_rows // n)
         order = sorted(range(len(src)), key=lambda i: len(src[i]))
         for start in range(0, len(order), per):
             chunk = order[start:start + per]
-            rows: list[list[int]] = []
-            if n <= max_rows:
-                rows = self._generate_ids([src[i] for i in chunk], n, settings)
+            parts = [([src[i] for i in chunk], n)] if n <= max_rows else \
+                [([src[chunk[0]]], min(max_rows, n - part)) for part in range(0, n, max_rows)]
+            made = [self._generate_ids(s, m, settings, with_fluency=with_fluency) for s, m in parts]
+            if not with_fluency:
+                yield chunk, [r for rows in made for r in rows], None
             else:
-                for part in range(0, n, max_rows):
-                    rows += self._generate_ids([src[chunk[0]]], min(max_rows, n - part), settings)
-            yield chunk, rows
+                yield chunk, [r for rows, _ in made for r in rows], np.concatenate([f for _, f in made])
 
     @torch.no_grad()
-    def _generate_ids(self, src: list[list[int]], n: int, settings: dict) -> list[list[int]]:
+    def _generate_ids(self, src: list[list[int]], n: int, settings: dict, *, with_fluency: bool = False):
+        """``n`` sampled rows of target ids per source (without the final [SEP]).
+
+        ``with_fluency`` also returns, per row, what :meth:`fluency` would give it: the mean
+        log-probability of its sampled tokens and final [SEP] under the model's unfiltered logits,
+        read off the decoding steps (the cached decoder's logits equal the teacher-forced ones to
+        ~1e-5), so ranking needs no second pass over the candidates. Rows cut at ``max_new_tokens``
+        (no [SEP] sampled) get NaN: their score includes a [SEP] that was never decoded.
+        """
         model, tok, device = self.model, self.tokenizer, self.device
         top_p, top_k, temperature = settings["top_p"], settings["top_k"], settings["temperature"]
         generator, max_new = settings["generator"], settings["max_new"]
@@ -286,7 +295,8 @@ class SimModel:
             return sample(filter_logits(logits, top_p=top_p, top_k=top_k, temperature=temperature), generator)
 
         if settings["strategy"] == "recompute":
-            return self._generate_recompute(src, n, max_new, next_tokens, out)
+            rows = self._generate_recompute(src, n, max_new, next_tokens, out)
+            return (rows, np.full(len(rows), np.nan)) if with_fluency else rows
 
         enc = tok.pad([(s, [0] * len(s)) for s in src]).to(device)
         res = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, use_cache=True)
@@ -299,9 +309,13 @@ class SimModel:
         tokens = torch.full((total, max_new), -1, dtype=torch.long, device=device)  # -1: never generated
         segment = torch.ones(total, 1, dtype=torch.long, device=device)
         active = torch.arange(total, device=device)
+        logp_sum = torch.zeros(total, dtype=torch.float64, device=device)
         for step in range(max_new):
+            lse = torch.logsumexp(logits.float(), dim=-1) if with_fluency else None  # before banning
             nxt = next_tokens(logits)
             tokens[active, step] = nxt
+            if with_fluency:
+                logp_sum[active] += (logits.float().gather(1, nxt[:, None]).squeeze(1) - lse).double()
             keep = nxt != tok.sep_id
             n_keep = int(keep.sum())  # the one host sync per step: is anyone still decoding?
             if n_keep == 0 or step == max_new - 1:
@@ -314,12 +328,17 @@ class SimModel:
             res = model(nxt.unsqueeze(1), segment[:len(active)], key_mask[:, :width + step + 1],
                         position_ids=pos, past_key_values=cache, use_cache=True, validate=False)
             logits = model.lm_logits(res.last_hidden_state[:, -1])
+        ended = torch.zeros(total, dtype=torch.bool, device=device)
         for row, ids in enumerate(tokens.tolist()):
             for t in ids:
                 if t == tok.sep_id or t < 0:
+                    ended[row] = t == tok.sep_id
                     break
                 out[row].append(t)
-        return out
+        if not with_fluency:
+            return out
+        lengths = torch.tensor([len(r) + 1 for r in out], dtype=torch.float64, device=device)
+        return out, torch.where(ended, logp_sum / lengths, torch.nan).cpu().numpy()
 
     def _generate_recompute(self, src, n, max_new, next_tokens, out):
         """Reference decoder: the whole [CLS] src [SEP] tgt sequence with the UniLM mask at every step."""
@@ -404,37 +423,49 @@ class SimModel:
         src = self._prepare_sources(ids, mask_idxs)
         results: list[list[Candidate]] = [[] for _ in items]
         bar = common.progress_bar(len(items), show_progress_bar, "similar")
-        for chunk, rows in self._generate_chunks(src, settings):
+        # fluency read off the decoding steps, unless the generator saw a masked source
+        with_fluency = min_fluency is not None and not mask_idxs
+        for chunk, rows, fluency in self._generate_chunks(src, settings, with_fluency=with_fluency):
             ranked = self._rank(chunk, [ids[i] for i in chunk], [items[i] for i in chunk], rows,
-                                settings["n"], k, batch_size, min_fluency)
+                                settings["n"], k, batch_size, min_fluency, fluency)
             for i, found in zip(chunk, ranked, strict=True):
                 results[i] = found
             bar.update(len(chunk))
         bar.close()
         return results[0] if single else results
 
-    def _rank(self, chunk, src_ids, texts, rows, n, k, batch_size, min_fluency) -> list[list[Candidate]]:
-        """De-duplicate each source's ``n`` rows, score them against it and keep the best ``k``."""
+    def _rank(self, chunk, src_ids, texts, rows, n, k, batch_size, min_fluency,
+              row_fluency: np.ndarray | None = None) -> list[list[Candidate]]:
+        """De-duplicate each source's ``n`` rows, score them against it and keep the best ``k``.
+        ``row_fluency``: each row's fluency from the generator (NaN: compute it here)."""
         tok = self.tokenizer
         cand_text: list[list[str]] = []
         cand_ids: list[list[int]] = []
         owner: list[int] = []
+        cand_row: list[int] = []
         for j, source in enumerate(texts):
             seen = {source, tok.decode(src_ids[j])}
             cand_text.append([])
-            for r in rows[j * n:(j + 1) * n]:
+            for r_index in range(j * n, (j + 1) * n):
+                r = rows[r_index]
                 t = tok.decode(r).strip()
                 if t and t not in seen:
                     seen.add(t)
                     cand_text[j].append(t)
                     cand_ids.append(r)
                     owner.append(j)
+                    cand_row.append(r_index)
         if not cand_ids:
             return [[] for _ in chunk]
         vecs = self._encode_ids(src_ids + cand_ids, batch_size=batch_size).numpy()
         passes = np.ones(len(cand_ids), dtype=bool)
         if min_fluency is not None:
-            passes = self._fluency_ids([src_ids[j] for j in owner], cand_ids, batch_size=batch_size) >= min_fluency
+            fluency = np.full(len(cand_ids), np.nan) if row_fluency is None else row_fluency[cand_row]
+            todo = np.flatnonzero(np.isnan(fluency))
+            if len(todo):
+                fluency[todo] = self._fluency_ids([src_ids[owner[i]] for i in todo], [cand_ids[i] for i in todo],
+                                                  batch_size=batch_size)
+            passes = fluency >= min_fluency
             flat = [t for c in cand_text for t in c]
             passes &= np.array([not repeats_more_than_source(texts[j], t) for j, t in zip(owner, flat, strict=True)])
         out, offset = [], len(texts)
