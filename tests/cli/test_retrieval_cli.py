@@ -69,7 +69,7 @@ def test_search_errors_exit_2(capsys, ckpt, corpus, tmp_path):
     code, _, err = run(capsys, "index", "build", empty, "-o", tmp_path / "idx2", "-m", ckpt / "a")
     assert code == 2 and "contains no texts" in err
     code, _, err = run(capsys, "index", "build", corpus, "-o", tmp_path / "i3", "-m", ckpt / "a", "--approx", "lsh")
-    assert code == 2 and "--approx must be ivf or hnsw" in err
+    assert code == 2 and "--approx must be ivf, ivfpq or hnsw" in err
 
 
 def test_eval_json_table_and_plot(capsys, ckpt, pairs, tmp_path):

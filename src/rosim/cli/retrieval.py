@@ -67,7 +67,7 @@ def index_build(
     output: Annotated[Path, typer.Option("--output", "-o", help="index directory to write")],
     model: ModelOpt = None,
     teacher: TeacherOpt = None,
-    approx: Annotated[str | None, typer.Option(help="approximate search: ivf or hnsw (default: exact)")] = None,
+    approx: Annotated[str | None, typer.Option(help="approximate search: ivf, ivfpq or hnsw (default: exact)")] = None,
     pooling: Annotated[str, typer.Option(help="pooler|cls|mean|first-last-mean (rosim models)")] = "pooler",
     nlist: Annotated[int | None, typer.Option(help="IVF cells (default about sqrt(n))")] = None,
     nprobe: Annotated[int | None, typer.Option(help="IVF cells scanned per query (default nlist/16, at least 8)")] = None,
@@ -80,8 +80,7 @@ def index_build(
     """Encode every line of CORPUS (streamed in chunks) into a new index directory."""
     from rosim.index import VectorIndex
 
-    if approx is not None and approx not in ("ivf", "hnsw"):
-        raise InputError(f"--approx must be ivf or hnsw, got {approx!r}")
+    _check_approx(approx)
     if teacher is not None and pooling != "pooler":
         raise InputError(f"--pooling does not apply to --teacher {teacher} (it has its own pooling)")
     if batch_size <= 0:
@@ -98,6 +97,71 @@ def index_build(
         index.save(output)
     if not quiet:
         typer.echo(f"indexed {index.ntotal} texts ({index.kind}, {index.dim}-d) into {output}", err=True)
+
+
+def _check_approx(approx: str | None) -> None:
+    if approx is not None and approx not in ("ivf", "ivfpq", "hnsw"):
+        raise InputError(f"--approx must be ivf, ivfpq or hnsw, got {approx!r}")
+
+
+@index_app.command("encode")
+def index_encode(
+    corpus: Annotated[Path, typer.Argument(help="UTF-8 text file, one sentence per line (the same file on every worker)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="shard directory (shared by all workers)")],
+    model: ModelOpt = None,
+    teacher: TeacherOpt = None,
+    pooling: Annotated[str, typer.Option(help="pooler|cls|mean|first-last-mean (rosim models)")] = "pooler",
+    shard_size: Annotated[int, typer.Option(help="texts per shard (the unit of work and of resumption)")] = 100_000,
+    rank: Annotated[int | None, typer.Option(help="this worker's rank (default: $RANK from torchrun, else 0)")] = None,
+    world_size: Annotated[int | None, typer.Option(help="number of workers (default: $WORLD_SIZE, else 1)")] = None,
+    batch_size: Annotated[int, typer.Option(help="sentences per forward pass")] = 64,
+    quiet: QuietOpt = False,
+    backend: BackendOpt = "auto",
+) -> None:
+    """Encode this worker's shards of CORPUS (shard j goes to rank j mod world size); finished shards are skipped.
+
+    Run it on every worker, e.g. `torchrun --nproc-per-node 8 --no-python rosim index encode corpus.txt -o shards/`,
+    then `rosim index merge shards/ -o INDEX`.
+    """
+    from rosim.index import encode_shards
+
+    if teacher is not None and pooling != "pooler":
+        raise InputError(f"--pooling does not apply to --teacher {teacher} (it has its own pooling)")
+    encoder = _load_encoder(model, teacher, backend=backend)
+    done = encode_shards(encoder, corpus, output, shard_size=shard_size, rank=rank, world_size=world_size,
+                         pooling=pooling, batch_size=batch_size, show_progress_bar=_progress(quiet))
+    if not quiet:
+        typer.echo(f"wrote {len(done)} shard(s) into {output}" + (f": {done[0]}..{done[-1]}" if done else
+                                                                 " (this worker's shards were already there)"),
+                   err=True)
+
+
+@index_app.command("merge")
+def index_merge(
+    shards: Annotated[Path, typer.Argument(help="a shard directory made by `rosim index encode` (all shards done)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="index directory to write")],
+    approx: Annotated[str | None, typer.Option(help="ivf, ivfpq or hnsw (default: exact)")] = None,
+    nlist: Annotated[int | None, typer.Option(help="IVF cells (default about sqrt(n))")] = None,
+    nprobe: Annotated[int | None, typer.Option(help="IVF cells scanned per query (default nlist/16, at least 8)")] = None,
+    pq_m: Annotated[int | None, typer.Option(help="IVF-PQ bytes per vector (default dim/8)")] = None,
+    train_size: Annotated[int | None, typer.Option(help="IVF training sample, drawn across shards (default 64*nlist)")] = None,
+    hnsw_m: Annotated[int, typer.Option(help="HNSW links per node")] = 32,
+    ef_search: Annotated[int, typer.Option(help="HNSW candidates explored per query")] = 64,
+    quiet: QuietOpt = False,
+) -> None:
+    """Build one index from every shard in SHARDS (checked: complete, one corpus, one model)."""
+    from rosim.index import build_from_shards
+    from rosim.textio import output_lock
+
+    _check_approx(approx)
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "meta.json").is_file())):
+        raise InputError(f"{output} exists and is not a rosim index; choose a new directory")
+    with output_lock(output, wait=False):
+        index = build_from_shards(shards, kind=approx or "exact", train_size=train_size, nlist=nlist, nprobe=nprobe,
+                                  pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search)
+        index.save(output)
+    if not quiet:
+        typer.echo(f"indexed {index.ntotal} texts ({index.kind}, {index.dim}-d) from {shards} into {output}", err=True)
 
 
 @index_app.command("add")

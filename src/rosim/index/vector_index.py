@@ -6,6 +6,9 @@ Vectors are L2-normalised and compared by inner product, so scores are cosines. 
 - ``ivf``: ``IndexIVFFlat`` — k-means cells (``nlist``, default about sqrt(n)); a query scans the
   ``nprobe`` nearest cells (default nlist/16, at least 8). Trained on the first vectors added (at least ``39 * nlist`` of them when
   the corpus has that many).
+- ``ivfpq``: ``IndexIVFPQ`` — the same cells, each vector stored as ``pq_m`` bytes (product
+  quantisation, default dim/8) instead of 4·dim: for corpora whose float vectors do not fit in
+  memory; scores are approximate. Needs at least 39 * 256 training vectors for its codebooks.
 - ``hnsw``: ``IndexHNSWFlat`` — a navigable small-world graph (``hnsw_m`` links per node, built
   exploring ``ef_construction`` candidates); a query explores ``ef_search`` candidates. No training;
   slowest to build, fast and accurate to query.
@@ -41,7 +44,8 @@ from rosim.limits import MAX_EF, MAX_HNSW_M, MAX_NLIST, check_int
 
 FORMAT, FORMAT_VERSION = "rosim-index", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.faiss", "texts.jsonl"
-KINDS = ("exact", "ivf", "hnsw")
+KINDS = ("exact", "ivf", "ivfpq", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")
 IDENTITY_KEYS = ("weights", "fingerprint", "dim", "max_length")  # what must match; the name (a path) may differ
 
 
@@ -95,6 +99,14 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
             chunk = []
     if chunk:
         yield chunk
+
+
+def encode_texts(encoder, texts: list[str], pooling: str | None, batch_size: int) -> np.ndarray:
+    """Unit vectors ``(n, dim)`` float32 of ``texts``; ``pooling`` None for encoders without a choice (teachers)."""
+    kwargs = {"batch_size": batch_size, "normalize": True, "show_progress_bar": False}
+    if pooling is not None:
+        kwargs["pooling"] = pooling
+    return np.asarray(encoder.encode(texts, **kwargs), dtype=np.float32)
 
 
 def exact_topk(db: np.ndarray, queries: np.ndarray, k: int, *, max_block_floats: int = 1 << 25):
@@ -151,14 +163,14 @@ class VectorIndex:
 
     def __init__(self, dim: int, *, kind: str = "exact", encoder_identity: dict | None = None,
                  pooling: str | None = "pooler", nlist: int | None = None, nprobe: int | None = None,
-                 hnsw_m: int = 32, ef_construction: int = 40, ef_search: int = 64):
+                 hnsw_m: int = 32, ef_construction: int = 40, ef_search: int = 64, pq_m: int | None = None):
         if not isinstance(dim, int) or dim <= 0:
             raise InputError(f"dim must be a positive integer, got {dim!r}")
         if kind not in KINDS:
             raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
         for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
                                   ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
-                                  ("ef_search", ef_search, MAX_EF)):
+                                  ("ef_search", ef_search, MAX_EF), ("pq_m", pq_m, dim)):
             if value is not None:
                 check_int(name, value, 1, most)
         self.dim, self.kind = dim, kind
@@ -166,8 +178,14 @@ class VectorIndex:
         self.pooling = pooling
         self.nlist, self.nprobe = nlist, nprobe
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        if kind == "ivfpq":
+            self.pq_m = dim // 8 if pq_m is None else pq_m
+            if dim % self.pq_m:
+                raise InputError(f"pq_m must divide the dimension {dim}, got {self.pq_m}")
+        else:
+            self.pq_m = pq_m
         self.texts: list[str] = []
-        self._index = None if kind == "ivf" else self._new_index()
+        self._index = None if kind in IVF_KINDS else self._new_index()
 
     # ---------------------------------------------------------------------------------- structure
     def _new_index(self, nlist: int | None = None):
@@ -179,7 +197,18 @@ class VectorIndex:
             index.hnsw.efConstruction = self.ef_construction
             index.hnsw.efSearch = self.ef_search
             return index
-        return faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
+        codes = f"PQ{self.pq_m}" if self.kind == "ivfpq" else "Flat"
+        return faiss.index_factory(self.dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
+
+    @property
+    def min_train_size(self) -> int:
+        """Training vectors worth collecting beyond 64 per cell: 39 per PQ centroid (faiss' own advice)."""
+        return 39 * 256 if self.kind == "ivfpq" else 0
+
+    @property
+    def needs_training(self) -> bool:
+        """An IVF kind whose cells are not trained yet (``train``, or the first ``add``, trains them)."""
+        return self.kind in IVF_KINDS and not self.is_trained
 
     @property
     def ntotal(self) -> int:
@@ -193,7 +222,7 @@ class VectorIndex:
         return self._index is not None and bool(self._index.is_trained)
 
     def __repr__(self) -> str:
-        params = f", nlist={self.nlist}, nprobe={self._nprobe()}" if self.kind == "ivf" else (
+        params = f", nlist={self.nlist}, nprobe={self._nprobe()}" if self.kind in IVF_KINDS else (
             f", m={self.hnsw_m}, ef_search={self.ef_search}" if self.kind == "hnsw" else "")
         name = (self.encoder_identity or {}).get("name")
         return f"VectorIndex(kind={self.kind!r}, dim={self.dim}, ntotal={self.ntotal}{params}, encoder={name!r})"
@@ -220,12 +249,14 @@ class VectorIndex:
 
     def train(self, vectors, *, expected_total: int | None = None) -> None:
         """Train the IVF cells on ``vectors`` (a representative sample). A no-op for other kinds."""
-        if self.kind != "ivf" or self.is_trained:
+        if not self.needs_training:
             return
         x = self._check_vectors(vectors)
         nlist = self.nlist or default_nlist(max(expected_total or 0, len(x)))
         if len(x) < nlist:
             raise InputError(f"an IVF index with nlist={nlist} needs at least {nlist} vectors to train, got {len(x)}")
+        if self.kind == "ivfpq" and len(x) < 256:
+            raise InputError(f"an IVF-PQ index needs at least 256 vectors to train its codebooks, got {len(x)}")
         self.nlist = nlist
         index = self._new_index(nlist)
         index.train(x)
@@ -244,7 +275,7 @@ class VectorIndex:
                 raise InputError(f"text {i} is a {type(t).__name__}, expected str")
         if not len(x):
             return
-        if self.kind == "ivf" and not self.is_trained:
+        if self.needs_training:
             self.train(x)
         self._index.add(x)
         self.texts.extend(texts)
@@ -261,11 +292,6 @@ class VectorIndex:
             raise InputError(f"this index was {problem}")
         return given
 
-    def _encode(self, encoder, texts: list[str], batch_size: int, show_progress_bar: bool | None) -> np.ndarray:
-        kwargs = {"batch_size": batch_size, "normalize": True, "show_progress_bar": show_progress_bar}
-        if self.pooling is not None:
-            kwargs["pooling"] = self.pooling
-        return np.asarray(encoder.encode(texts, **kwargs), dtype=np.float32)
 
     def add_texts(self, encoder, texts: Iterable[str], *, batch_size: int = 64, chunk_size: int = 4096,
                   total: int | None = None, show_progress_bar: bool | None = None) -> int:
@@ -289,13 +315,13 @@ class VectorIndex:
         pending_texts: list[str] = []
         pending: list[np.ndarray] = []
         train_size = None
-        if self.kind == "ivf" and not self.is_trained:
+        if self.needs_training:
             nlist = self.nlist or (default_nlist(total) if total else None)
-            train_size = 64 * nlist if nlist else 100_000
+            train_size = max(64 * nlist, self.min_train_size) if nlist else 100_000
         added = 0
         try:
             for chunk in _chunks(texts, chunk_size):
-                vecs = self._encode(encoder, chunk, batch_size, False)
+                vecs = encode_texts(encoder, chunk, self.pooling, batch_size)
                 if train_size is None:
                     self.add(chunk, vecs)
                 else:
@@ -359,7 +385,7 @@ class VectorIndex:
             # faiss keeps the vectors; the products go through NumPy's BLAS, which is several times
             # faster than faiss' flat scan in the faiss-cpu wheels measured (benchmarks/search.py)
             return exact_topk(self._stored_flat(), q, k)
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             self._index.nprobe = self._nprobe()
         elif self.kind == "hnsw":
             self._index.hnsw.efSearch = max(self.ef_search, k)
@@ -377,7 +403,7 @@ class VectorIndex:
         if self.ntotal == 0:
             raise InputError("the index is empty: add texts before searching")
         self.check_encoder(encoder)
-        scores, ids = self.search(self._encode(encoder, items, batch_size, False), k)
+        scores, ids = self.search(encode_texts(encoder, items, self.pooling, batch_size), k)
         hits = [[Hit(self.texts[j], float(s), int(j)) for s, j in zip(srow, irow, strict=True) if j >= 0]
                 for srow, irow in zip(scores, ids, strict=True)]
         return hits[0] if single else hits
@@ -391,7 +417,7 @@ class VectorIndex:
         """All stored vectors ``(ntotal, dim)`` in id order (reconstructed from faiss)."""
         if self.ntotal == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:  # ivfpq: the decoded (approximate) vectors
             self._index.make_direct_map()
         return self._index.reconstruct_n(0, self.ntotal)
 
@@ -402,7 +428,7 @@ class VectorIndex:
             "count": self.ntotal, "metric": "cosine (inner product of L2-normalised vectors)",
             "encoder": self.encoder_identity, "pooling": self.pooling,
             "params": {"nlist": self.nlist, "nprobe": self.nprobe, "hnsw_m": self.hnsw_m,
-                       "ef_construction": self.ef_construction, "ef_search": self.ef_search},
+                       "ef_construction": self.ef_construction, "ef_search": self.ef_search, "pq_m": self.pq_m},
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
