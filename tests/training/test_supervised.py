@@ -16,6 +16,7 @@ from rosim.evaluation.metrics import spearman
 from rosim.inference.sim_model import SimModel
 from rosim.modeling.model import RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer, build_vocab
+from rosim.training.config import supervised_config_from_dict
 from rosim.training.stages import StepContext
 from rosim.training.supervised import (
     LabelledPairs,
@@ -29,7 +30,6 @@ from rosim.training.supervised import (
     predict_proba,
     read_nli_file,
     read_pair_file,
-    supervised_config_from_dict,
 )
 from tests.helpers import tiny_config
 

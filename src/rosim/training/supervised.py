@@ -65,7 +65,6 @@ other stages (model + ``pair_head.safetensors`` + optimiser, data position and r
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import logging
@@ -75,11 +74,9 @@ import random
 import shutil
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +87,7 @@ from rosim.errors import DataError, InputError
 from rosim.modeling.model import RoFormerSim
 from rosim.textio import iter_lines
 from rosim.tokenization.tokenizer import CharTokenizer, Encoding
-from rosim.training.config import ModelSection, TrainConfig, TrainSection, config_from_dict
+from rosim.training.config import SupervisedConfig, SupervisedSection, TrainConfig, config_to_dict
 from rosim.training.rdrop import duplicate_batch, rdrop_loss, split_outputs
 from rosim.training.stages import Objective, StepContext
 
@@ -410,194 +407,6 @@ class SupervisedObjective(Objective):
         return out
 
 
-# ============================================================================================
-# configuration
-# ============================================================================================
-@dataclass
-class PairFileSection:
-    path: str
-    threshold: float | None = None  # scored data: label = score > threshold
-
-
-@dataclass
-class NliFileSection:
-    path: str
-
-
-@dataclass
-class SupervisedSection:
-    binary: list[PairFileSection] = field(default_factory=list)
-    nli: list[NliFileSection] = field(default_factory=list)
-    maxlen: int = 64  # tokens per sentence, [CLS] and [SEP] included
-    rdrop_alpha: float = 0.0  # > 0: R-Drop with this α (Su: 4)
-    head_lr: float | None = None  # learning rate of the head (default: [train] lr)
-    skip_no_consensus: bool = True  # NLI gold_label "-": skip (true) or error (false)
-
-
-DISTILL_KEYS = ("model", "data", "noise", "loss", "train", "teacher")
-
-
-@dataclass
-class SupervisedConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    supervised: SupervisedSection = field(default_factory=SupervisedSection)
-    train: TrainSection = field(default_factory=TrainSection)
-    distill: dict[str, Any] | None = None  # tables of a stage-2 config (model, data, noise, loss, train, teacher)
-    source_file: str | None = None
-    base_dir: str | None = None
-
-    def validate(self) -> None:
-        t, s = self.train, self.supervised
-        if not s.binary and not s.nli:
-            raise InputError("[supervised] needs binary and/or nli files, e.g. binary = [{path = \"train.tsv\"}]")
-        positive = {"steps": t.steps, "batch_size": t.batch_size, "save_every": t.save_every,
-                    "keep_last": t.keep_last, "log_every": t.log_every, "maxlen": s.maxlen}
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if t.batch_size % 2:
-            raise InputError(f"batch_size counts rows, two per pair: it must be even, got {t.batch_size}")
-        if s.maxlen < 3:
-            raise InputError(f"[supervised] maxlen must be at least 3 ([CLS] text [SEP]), got {s.maxlen}")
-        if t.lr <= 0 or t.weight_decay < 0 or t.clip_norm < 0 or t.warmup_steps < 0:
-            raise InputError("lr must be > 0; weight_decay, clip_norm and warmup_steps must be >= 0")
-        if s.head_lr is not None and not s.head_lr > 0:
-            raise InputError(f"[supervised] head_lr must be > 0, got {s.head_lr!r}")
-        if not isinstance(s.rdrop_alpha, (int, float)) or not s.rdrop_alpha >= 0:
-            raise InputError(f"[supervised] rdrop_alpha must be a number >= 0, got {s.rdrop_alpha!r}")
-        if t.chunk_size:
-            raise InputError("[train] chunk_size applies to the contrastive stages, not to supervised training")
-        if t.schedule not in ("constant", "linear", "cosine"):
-            raise InputError(f"schedule must be constant, linear or cosine, got {t.schedule!r}")
-        if t.precision not in ("auto", "fp32", "bf16"):
-            raise InputError(f"precision must be auto, fp32 or bf16, got {t.precision!r}")
-        m = self.model
-        if m.init is None and m.vocab is None:
-            raise InputError("[model] needs init (a rosim checkpoint) or vocab (a vocab.txt) and config")
-        if m.vocab == "build":
-            raise InputError("[model] vocab = \"build\" is not available for supervised training: give a checkpoint or a vocab file")
-        if m.init is not None and (m.vocab is not None or m.config):
-            raise InputError("[model] init and vocab/config are exclusive: a checkpoint brings its own")
-        if s.rdrop_alpha > 0 and (m.dropout == 0 or (m.dropout is None and m.init is None
-                                                     and m.config.get("hidden_dropout", 0.1) == 0)):
-            raise InputError("rdrop_alpha > 0 needs dropout > 0: the two passes would be identical")
-        if self.distill is not None:
-            self.distill_config()  # validate now, before phase 1 runs
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.train.out_dir)
-
-    def distill_config(self) -> TrainConfig:
-        """The stage-2 config of phase 2: teacher = ``out_dir/final``, student = ``[model] init`` by default."""
-        if self.distill is None:
-            raise InputError("the config has no [distill] section")
-        d = {k: dict(v) if isinstance(v, dict) else v for k, v in self.distill.items()}
-        unknown = sorted(set(d) - set(DISTILL_KEYS))
-        if unknown:
-            raise InputError(f"[distill]: unknown keys {unknown}; allowed keys are {list(DISTILL_KEYS)}")
-        for k, v in d.items():
-            if not isinstance(v, dict):
-                raise InputError(f"[distill.{k}] must be a table, got {type(v).__name__}")
-        model = d.setdefault("model", {})
-        if "init" not in model:
-            if self.model.init is None:
-                raise InputError("[distill.model] init is needed: phase 1 started from a fresh model, "
-                                 "so there is no generation-capable model to distil into")
-            model["init"] = str(Path(self.model.init).resolve())
-        if "dropout" not in model and self.model.dropout is not None:
-            model["dropout"] = self.model.dropout
-        train = d.setdefault("train", {})
-        train.setdefault("out_dir", str((self.out_dir / "distill").resolve()))
-        train.setdefault("seed", self.train.seed)
-        train.setdefault("device", self.train.device)
-        teacher = d.setdefault("teacher", {})
-        for key in ("kind", "path"):
-            if key in teacher:
-                raise InputError(f"[distill.teacher] {key} is set by rosim: the teacher is the phase-1 model")
-        teacher.update(kind="rosim", path=str((self.out_dir / "final").resolve()))
-        teacher.setdefault("maxlen", self.supervised.maxlen)
-        cfg = config_from_dict(d, base_dir=self.base_dir)
-        cfg.validate("stage2")
-        return cfg
-
-
-def _table(cls, data: Any, where: str):
-    if not isinstance(data, dict):
-        raise InputError(f"{where} must be a table, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise InputError(f"{where}: unknown keys {unknown}; allowed keys are {sorted(names)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise InputError(f"{where}: {exc}") from None
-
-
-def supervised_config_from_dict(data: dict, *, base_dir: str | os.PathLike | None = None) -> SupervisedConfig:
-    """Build a :class:`SupervisedConfig`; relative paths resolve against ``base_dir``."""
-    if not isinstance(data, dict):
-        raise InputError("the config must be a table")
-    allowed = ("model", "supervised", "train", "distill")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise InputError(f"config: unknown sections {unknown}; allowed sections are {list(allowed)}")
-    model = _table(ModelSection, data.get("model", {}), "[model]")
-    train = _table(TrainSection, data.get("train", {}), "[train]")
-    sup_raw = dict(data.get("supervised", {})) if isinstance(data.get("supervised", {}), dict) else data["supervised"]
-    if isinstance(sup_raw, dict):
-        for key, cls in (("binary", PairFileSection), ("nli", NliFileSection)):
-            files = sup_raw.get(key, [])
-            if not isinstance(files, list):
-                raise InputError(f"[supervised] {key} must be a list of {{path = ...}} tables")
-            sup_raw[key] = [_table(cls, f, f"[supervised] {key}[{i}]") for i, f in enumerate(files)]
-    sup = _table(SupervisedSection, sup_raw, "[supervised]")
-    distill = data.get("distill")
-    if distill is not None and not isinstance(distill, dict):
-        raise InputError("[distill] must be a table")
-    cfg = SupervisedConfig(model, sup, train, distill, base_dir=None if base_dir is None else str(base_dir))
-    if base_dir is not None:
-        base = Path(base_dir)
-
-        def resolve(p: str | None) -> str | None:
-            return p if p is None or Path(p).is_absolute() else str(base / p)
-
-        model.init, model.vocab = resolve(model.init), resolve(model.vocab)
-        train.out_dir = resolve(train.out_dir)
-        for f in [*sup.binary, *sup.nli]:
-            f.path = resolve(f.path)
-    return cfg
-
-
-def _apply_override(data: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    if len(keys) < 2 or not all(keys):
-        raise InputError(f"--set expects SECTION.KEY=VALUE, got {dotted!r}")
-    node = data
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise InputError(f"--set {dotted}: {k!r} is not a table")
-    node[keys[-1]] = value
-
-
-def load_supervised_config(path: str | os.PathLike, overrides: dict | None = None) -> SupervisedConfig:
-    """Read a TOML config (paths relative to its folder); ``overrides`` maps dotted keys to values."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML: {exc}") from None
-    for dotted, value in (overrides or {}).items():
-        _apply_override(data, dotted, value)
-    cfg = supervised_config_from_dict(data, base_dir=path.parent)
-    cfg.source_file = str(path)
-    return cfg
-
-
 def load_labelled_data(section: SupervisedSection) -> tuple[LabelledPairs | None, LabelledPairs | None]:
     """Read every file of ``[supervised]``: (binary pairs pooled, NLI pairs pooled), None where absent."""
     binary = [read_pair_file(f.path, f.threshold) for f in section.binary]
@@ -736,9 +545,7 @@ class SupervisedTrainer:
         t, s = self.cfg.train, self.cfg.supervised
         ctx = StepContext(device=self.device, autocast_dtype=self.autocast_dtype)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record_cfg = {"stage": "supervised", "data_sizes": self.sizes,
-                      **{k: dataclasses.asdict(getattr(self.cfg, k)) for k in ("model", "supervised", "train")},
-                      "distill": self.cfg.distill}
+        record_cfg = {"stage": "supervised", "data_sizes": self.sizes, **config_to_dict(self.cfg)}
         tmp = self.out_dir / ".train_config.json.tmp"
         tmp.write_text(json.dumps(record_cfg, indent=2, ensure_ascii=False), encoding="utf-8")
         os.replace(tmp, self.out_dir / "train_config.json")

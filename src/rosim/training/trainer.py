@@ -273,8 +273,6 @@ def build_model(cfg: TrainConfig) -> tuple[RoFormerSim, CharTokenizer]:
     if not model.has_sentence_vector or model.lm_head is None:
         raise InputError("training needs a model with a pooler and an LM head (with_pooler and with_lm_head true)")
     if m.dropout is not None:
-        if not 0.0 <= m.dropout < 1.0:
-            raise InputError(f"[model] dropout must be in [0, 1), got {m.dropout}")
         set_dropout(model, m.dropout)
     return model, tokenizer
 

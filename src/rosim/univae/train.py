@@ -16,7 +16,6 @@ from its last checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -26,12 +25,13 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from rosim.errors import CheckpointError, InputError
+from rosim.training.config import KeywordConfig, Schedule
 from rosim.training.trainer import (
     list_checkpoints,
     load_training_state,
@@ -47,35 +47,20 @@ from rosim.univae.model import UniVAE
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class VAETrainConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    schedule: str = "linear"  # linear | cosine | constant
-    clip_norm: float = 1.0
+class VAETrainConfig(KeywordConfig):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Schedule = "linear"
+    clip_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     seed: int = 0
-    save_every: int = 200
-    log_every: int = 10
-    keep_last: int = 2
+    save_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    keep_last: int = Field(2, gt=0)
     device: str = "cpu"
-    max_time_s: float | None = None  # stop (with a checkpoint) once this much wall time has passed
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "save_every", "log_every", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise InputError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.max_time_s is not None and self.max_time_s <= 0:
-            raise InputError(f"max_time_s must be positive, got {self.max_time_s}")
+    max_time_s: float | None = Field(None, gt=0)  # stop (with a checkpoint) once this much wall time has passed
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
@@ -110,7 +95,7 @@ class VAETrainer:
                  model: UniVAE | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
                  on_step: Callable[[int, dict], None] | None = None):
         cfg = cfg or VAETrainConfig()
-        cfg.validate()
+        cfg.check()
         self.texts, self.cfg, self.quiet, self.on_step = list(texts), cfg, quiet, on_step
         if len(self.texts) < cfg.batch_size:
             raise InputError(f"{len(self.texts)} sentences are fewer than one batch of {cfg.batch_size}")
@@ -181,7 +166,7 @@ class VAETrainer:
 
         cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"train": dataclasses.asdict(cfg), "univae": self.model.config.to_dict(),
+        settings = {"train": cfg.model_dump(), "univae": self.model.config.to_dict(),
                     "backbone": self.model.backbone.config.to_dict(), "sentences": len(self.texts),
                     "fingerprint": self.fingerprint}
         tmp = self.out_dir / ".train_config.json.tmp"
