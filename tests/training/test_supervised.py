@@ -16,21 +16,17 @@ from rosim.evaluation.metrics import spearman
 from rosim.inference.sim_model import SimModel
 from rosim.modeling.model import RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer, build_vocab
-from rosim.training.stages import StepContext
-from rosim.training.supervised import (
-    LabelledPairs,
+from rosim.training.config import supervised_config_from_dict
+from rosim.training.labelled import LabelledPairs, PairMixer, read_nli_file, read_pair_file
+from rosim.training.pair_classifier import load_pair_classifier, predict_proba
+from rosim.training.pair_head import (
     PairHead,
-    PairMixer,
     SupervisedObjective,
-    SupervisedTrainer,
     encode_pairs_batch,
-    load_pair_classifier,
     pair_classification_loss,
-    predict_proba,
-    read_nli_file,
-    read_pair_file,
-    supervised_config_from_dict,
 )
+from rosim.training.stages import StepContext
+from rosim.training.supervised import SupervisedTrainer
 from tests.helpers import tiny_config
 
 torch.set_num_threads(1)

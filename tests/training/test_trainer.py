@@ -164,8 +164,6 @@ def test_chunked_contrastive_equals_full_batch(tmp_path):
         teacher = HashTeacher() if stage == "stage2" else None
         trainer = Trainer(cfg, stage, quiet=True, overwrite=True, teacher=teacher)
         batch = trainer._next_global_batch()
-        if stage == "stage2":
-            trainer.objective.global_sources = batch.sources
         grads, parts = [], []
         for chunk in (0, 5):
             trainer.model.zero_grad()
@@ -264,3 +262,22 @@ def test_mlm_stage_and_existing_output(tmp_path):
         Trainer(cfg, "mlm", quiet=True)
     with pytest.raises(Exception, match="mlm checkpoint; cannot resume stage1"):
         Trainer(cfg, "stage1", quiet=True, resume=True)
+
+
+def test_lambdalr_schedule_gives_the_lr_factor_values():
+    """The loop's LambdaLR sets exactly base_lr * lr_factor(step) for every step and schedule."""
+    from rosim.training.loop import lr_schedule
+
+    for schedule in ("constant", "linear", "cosine"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3)
+        sched = lr_schedule(opt, 12, 4, schedule)
+        seen = []
+        for _ in range(12):
+            seen.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        assert seen == [0.3 * lr_factor(s, 12, 4, schedule) for s in range(12)], schedule
+        state = json.loads(json.dumps(sched.state_dict()))  # checkpointed as JSON
+        again = lr_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.3), 12, 4, schedule)
+        again.load_state_dict(state)
+        assert again.last_epoch == 12 and again.get_last_lr() == sched.get_last_lr()

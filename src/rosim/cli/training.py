@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated
 
@@ -22,31 +21,17 @@ SetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="override a config value, e.g. --set train.steps=100 (value in TOML syntax; repeatable)")]
 
 
-def _overrides(items: list[str] | None) -> dict:
-    out = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise InputError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # a bare string
-        out[key.strip()] = value
-    return out
-
-
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="rosim: %(message)s")
 
 
 def _run(stage: str, config: Path, resume: bool, overwrite: bool, quiet: bool, sets: list[str] | None) -> None:
-    from rosim.training.config import load_config
+    from rosim.training.config import load_config, parse_overrides
     from rosim.training.trainer import train
 
     _setup_logging(quiet)
-    cfg = load_config(config, _overrides(sets))
+    cfg = load_config(config, parse_overrides(sets))
     final = train(cfg, stage, resume=resume, overwrite=overwrite, quiet=quiet)
     if not quiet:
         typer.echo(str(final))
@@ -83,10 +68,11 @@ def train_supervised_cmd(config: ConfigOpt, resume: ResumeOpt = False, overwrite
                          quiet: QuietOpt = False, set_: SetOpt = None,
                          no_distill: Annotated[bool, typer.Option("--no-distill", help="stop after phase 1 even if the config has a distill table")] = False) -> None:
     """Supervised enhancement: SBERT head on labelled pairs / NLI, then distillation into a generator (distill table)."""
-    from rosim.training.supervised import load_supervised_config, train_supervised
+    from rosim.training.config import SupervisedConfig, load_config, parse_overrides
+    from rosim.training.supervised import train_supervised
 
     _setup_logging(quiet)
-    cfg = load_supervised_config(config, _overrides(set_))
+    cfg = load_config(config, parse_overrides(set_), SupervisedConfig)
     out = train_supervised(cfg, resume=resume, overwrite=overwrite, quiet=quiet, distill=not no_distill)
     if not quiet:
         for phase, path in out.items():
@@ -104,11 +90,11 @@ def teacher_vectors(
     set_: SetOpt = None,
 ) -> None:
     """Precompute teacher vectors for every (cut) text of the config's [data] sources."""
-    from rosim.training.config import load_config
+    from rosim.training.config import load_config, parse_overrides
     from rosim.training.data import cut_text, iter_texts
     from rosim.training.teachers import make_teacher, precompute_teacher_vectors
 
-    cfg = load_config(config, _overrides(set_))
+    cfg = load_config(config, parse_overrides(set_))
     tc = cfg.teacher
     kind = kind or (tc.kind if tc is not None else None)
     if kind is None or kind == "file":

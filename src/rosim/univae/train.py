@@ -1,8 +1,9 @@
 """Training a UniVAE: token cross-entropy of the decoder copy, with atomic checkpoints and exact resume.
 
-The loop is small because the objective is one cross-entropy; checkpointing reuses the rosim trainer's
-pieces (AdamW without decay on biases/LayerNorm, warm-up + linear/cosine schedule, the safe
-training-state format, ``checkpoints/step-N`` layout and pruning). Layout of ``out_dir``::
+The objective is one cross-entropy and the data a list of sentences; everything else (AdamW without
+decay on biases/LayerNorm, warm-up + linear/cosine schedule, the safe training-state format,
+``checkpoints/step-N`` layout and pruning) is the shared :class:`~rosim.training.loop.TrainingLoop`.
+Layout of ``out_dir``::
 
     checkpoints/step-00000200/  a UniVAE directory + training_state.json + training_state.safetensors
     final/                      the UniVAE after the last step
@@ -16,66 +17,37 @@ from its last checkpoint ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import json
 import logging
-import math
 import os
-import shutil
-import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
-from rosim.errors import CheckpointError, InputError
-from rosim.training.trainer import (
-    list_checkpoints,
-    load_training_state,
-    lr_factor,
-    make_optimizer,
-    resolve_device,
-    restore_optimizer,
-    save_training_state,
-    trim_log,
-)
-from rosim.univae.model import UniVAE
+from rosim.errors import InputError
+from rosim.training.config import KeywordConfig, ModelSection, Schedule
+from rosim.training.loop import LoopSettings, Step, TrainingLoop, make_optimizer, resolve_device
+from rosim.univae.model import UniVAE, UniVAEConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class VAETrainConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    schedule: str = "linear"  # linear | cosine | constant
-    clip_norm: float = 1.0
+class VAETrainConfig(KeywordConfig):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Schedule = "linear"
+    clip_norm: float = Field(1.0, ge=0)  # 0 disables clipping
     seed: int = 0
-    save_every: int = 200
-    log_every: int = 10
-    keep_last: int = 2
+    save_every: int = Field(200, gt=0)
+    log_every: int = Field(10, gt=0)
+    keep_last: int = Field(2, gt=0)
     device: str = "cpu"
-    max_time_s: float | None = None  # stop (with a checkpoint) once this much wall time has passed
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "save_every", "log_every", "keep_last"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise InputError(f"lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise InputError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise InputError(f"schedule must be linear, cosine or constant, got {self.schedule!r}")
-        if self.max_time_s is not None and self.max_time_s <= 0:
-            raise InputError(f"max_time_s must be positive, got {self.max_time_s}")
+    max_time_s: float | None = Field(None, gt=0)  # stop (with a checkpoint) once this much wall time has passed
 
 
 def texts_fingerprint(texts: Sequence[str]) -> str:
@@ -104,147 +76,88 @@ def epoch_batches(epoch: int, lengths: Sequence[int], batch_size: int, seed: int
 
 class VAETrainer:
     """``VAETrainer(texts, out_dir, cfg, model=UniVAE(...)).train()``; ``resume=True`` continues the
-    latest checkpoint in ``out_dir`` (``model`` may then be None)."""
+    latest checkpoint in ``out_dir`` (``model`` may then be None). Runs on the shared
+    :class:`~rosim.training.loop.TrainingLoop`."""
 
     def __init__(self, texts: Sequence[str], out_dir: str | os.PathLike, cfg: VAETrainConfig | None = None, *,
                  model: UniVAE | None = None, resume: bool = False, overwrite: bool = False, quiet: bool = False,
                  on_step: Callable[[int, dict], None] | None = None):
         cfg = cfg or VAETrainConfig()
-        cfg.validate()
-        self.texts, self.cfg, self.quiet, self.on_step = list(texts), cfg, quiet, on_step
+        cfg.check()
+        self.texts, self.cfg = list(texts), cfg
         if len(self.texts) < cfg.batch_size:
             raise InputError(f"{len(self.texts)} sentences are fewer than one batch of {cfg.batch_size}")
-        self.out_dir = Path(out_dir)
         self.fingerprint = texts_fingerprint(self.texts)
-        existing = list_checkpoints(self.out_dir)
-        if existing and not resume and not overwrite:
-            raise InputError(f"{self.out_dir} already holds checkpoints (latest {existing[-1][1].name}); "
-                             "pass --resume to continue that run or --overwrite to start again")
-        if overwrite and not resume:
-            shutil.rmtree(self.out_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(self.out_dir / "final", ignore_errors=True)
-            (self.out_dir / "log.jsonl").unlink(missing_ok=True)
-            existing = []
         self.device = resolve_device(cfg.device)
-        self.step = 0
-        torch.manual_seed(cfg.seed)
-        resume_from = existing[-1][1] if (resume and existing) else None
-        if resume_from is not None:
-            model = UniVAE.from_pretrained(resume_from)
+        settings = LoopSettings(steps=cfg.steps, warmup_steps=cfg.warmup_steps, schedule=cfg.schedule,
+                                clip_norm=cfg.clip_norm, seed=cfg.seed, save_every=cfg.save_every,
+                                keep_last=cfg.keep_last, log_every=cfg.log_every, time_limit_s=cfg.max_time_s or 0.0)
+        self.loop = TrainingLoop(out_dir, "univae", settings, device=self.device, resume=resume, overwrite=overwrite,
+                                 quiet=quiet, on_step=on_step)
+        self.out_dir = self.loop.out_dir
+        if self.loop.resume_from is not None:
+            model = UniVAE.from_pretrained(self.loop.resume_from)
         elif model is None:
             raise InputError("no model to train: pass a UniVAE (or resume a run that has checkpoints)")
-        self.model = model.to(self.device).train()
+        self.model = model.to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        if resume_from is not None:
-            self._restore(resume_from)
+        self._lengths = [len(t) for t in self.texts]
+        self._plan: tuple[int, list[list[int]]] = (-1, [])  # (epoch, its batches)
+        self.loop.prepare([self.model], self.optimizer, save_model=self._save_model,
+                          data_state=lambda: {"step": self.step}, load_data_state=lambda state: None,
+                          extra_state={"batch_size": cfg.batch_size, "fingerprint": self.fingerprint},
+                          check_state=self._check_state)
 
-    # ---------------------------------------------------------------- checkpoints
-    def _restore(self, directory: Path) -> None:
-        state, tensors = load_training_state(directory)
-        if state.get("stage") != "univae":
-            raise CheckpointError(f"{directory} is a {state.get('stage')!r} checkpoint, not a UniVAE run")
+    @property
+    def step(self) -> int:
+        return self.loop.step
+
+    def _check_state(self, state: dict, directory: Path) -> None:
         if state.get("fingerprint") != self.fingerprint:
             raise InputError(f"{directory} was trained on different sentences (fingerprint {state.get('fingerprint')}, "
                              f"now {self.fingerprint}); resume with the same data or start with --overwrite")
         if state.get("seed") != self.cfg.seed or state.get("batch_size") != self.cfg.batch_size:
             raise InputError(f"{directory} was trained with seed={state.get('seed')}, batch_size={state.get('batch_size')}; "
                              "resume with the same values")
-        restore_optimizer(self.optimizer, state, tensors)
-        torch.set_rng_state(tensors["rng.torch.0"])
-        if self.device.type == "cuda" and "rng.cuda.0" in tensors:
-            torch.cuda.set_rng_state(tensors["rng.cuda.0"], self.device)
-        self.step = int(state["step"])
-        trim_log(self.out_dir / "log.jsonl", self.step)
-        log.info("resumed from %s at step %d", directory, self.step)
 
-    def save(self) -> Path:
-        from rosim.checkpoints.io import atomic_directory
+    def _save_model(self, directory: Path) -> None:
+        self.model.save_pretrained(directory, metadata={"step": self.step})
 
-        target = self.out_dir / "checkpoints" / f"step-{self.step:08d}"
-        cuda = [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else None
-        with atomic_directory(target) as tmp:
-            self.model.save_pretrained(tmp, metadata={"step": self.step})
-            save_training_state(
-                tmp, step=self.step, optimizer=self.optimizer, data_state={"step": self.step},
-                torch_rng_states=[torch.get_rng_state()], cuda_rng_states=cuda,
-                extra={"stage": "univae", "seed": self.cfg.seed, "batch_size": self.cfg.batch_size,
-                       "fingerprint": self.fingerprint},
-            )
-        for _, old in list_checkpoints(self.out_dir)[: -self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-        return target
+    def _train_step(self, forward: torch.nn.Module) -> Step:
+        """The batch of this step (a function of seed, epoch and position) and its cross-entropy; the
+        vMF noise is drawn from a generator seeded by (seed, step)."""
+        cfg = self.cfg
+        epoch, b = divmod(self.step, len(self.texts) // cfg.batch_size)
+        if epoch != self._plan[0]:
+            self._plan = (epoch, epoch_batches(epoch, self._lengths, cfg.batch_size, cfg.seed))
+        inputs = self.model.build_inputs([self.texts[i] for i in self._plan[1][b]]).to(self.device)
+        noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 7_919 + self.step + 1)
+        loss, tokens, correct = self.model.loss(inputs, noise=True, generator=noise)
+        loss.backward()
+        return Step({"loss": loss.item()}, {"tokens": tokens, "correct": correct})
 
-    # ---------------------------------------------------------------- the loop
+    def save(self) -> Path | None:
+        return self.loop.save()
+
     def train(self) -> Path:
         """Train until ``steps`` (or ``max_time_s``); returns ``out_dir/final``."""
-        from tqdm.auto import tqdm
-
-        cfg = self.cfg
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        settings = {"train": dataclasses.asdict(cfg), "univae": self.model.config.to_dict(),
+        settings = {"train": self.cfg.model_dump(), "univae": self.model.config.to_dict(),
                     "backbone": self.model.backbone.config.to_dict(), "sentences": len(self.texts),
                     "fingerprint": self.fingerprint}
-        tmp = self.out_dir / ".train_config.json.tmp"
-        tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, self.out_dir / "train_config.json")
-        show = not self.quiet and sys.stderr.isatty()
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not show, desc="univae", unit="step", dynamic_ncols=True)
-        start = time.perf_counter()
-        lengths = [len(t) for t in self.texts]
-        per_epoch = len(self.texts) // cfg.batch_size
-        plan, plan_epoch = [], -1
-        window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0, "t0": time.perf_counter()}
-        with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as log_file:
-            try:
-                while self.step < cfg.steps:
-                    epoch, b = divmod(self.step, per_epoch)
-                    if epoch != plan_epoch:
-                        plan, plan_epoch = epoch_batches(epoch, lengths, cfg.batch_size, cfg.seed), epoch
-                    rows = plan[b]
-                    inputs = self.model.build_inputs([self.texts[i] for i in rows]).to(self.device)
-                    noise = torch.Generator(device=self.device).manual_seed(cfg.seed * 7_919 + self.step + 1)
-                    factor = lr_factor(self.step, cfg.steps, cfg.warmup_steps, cfg.schedule)
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = cfg.lr * factor
-                    self.optimizer.zero_grad(set_to_none=True)
-                    loss, tokens, correct = self.model.loss(inputs, noise=True, generator=noise)
-                    if not math.isfinite(loss.item()):
-                        raise InputError(f"step {self.step + 1}: the loss is {loss.item()}; lower lr or check the data")
-                    loss.backward()
-                    if cfg.clip_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-                    self.optimizer.step()
-                    self.step += 1
-                    bar.update(1)
-                    window["loss"] += loss.item()
-                    window["tokens"] += tokens
-                    window["correct"] += correct
-                    window["steps"] += 1
-                    out_of_time = cfg.max_time_s is not None and time.perf_counter() - start >= cfg.max_time_s
-                    last = self.step == cfg.steps or out_of_time
-                    if self.step % cfg.log_every == 0 or last:
-                        elapsed = time.perf_counter() - window["t0"]
-                        record = {"step": self.step, "lr": cfg.lr * factor, "loss": window["loss"] / window["steps"],
-                                  "token_accuracy": window["correct"] / max(window["tokens"], 1),
-                                  "tokens_per_s": window["tokens"] / max(elapsed, 1e-9)}
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['token_accuracy']:.3f}")
-                        if self.on_step is not None:
-                            self.on_step(self.step, record)
-                        window = {"loss": 0.0, "tokens": 0, "correct": 0, "steps": 0, "t0": time.perf_counter()}
-                    if self.step % cfg.save_every == 0 or last:
-                        self.save()
-                    if out_of_time:
-                        log.info("stopping at step %d: max_time_s=%s reached", self.step, cfg.max_time_s)
-                        break
-            finally:
-                bar.close()
-        final = self.out_dir / "final"
-        self.model.eval()
-        self.model.save_pretrained(final, metadata={"step": self.step})
-        self.model.train()
-        return final
+        return self.loop.run(self._train_step, config=settings, show=("loss", "token_accuracy"), rates=_vae_rates)
+
+
+def _vae_rates(counts: dict[str, float], seconds: float) -> dict[str, float]:
+    return {"token_accuracy": counts["correct"] / max(counts["tokens"], 1), "tokens_per_s": counts["tokens"] / seconds}
+
+
+def new_univae(backbone: ModelSection, config: UniVAEConfig, texts: Sequence[str]) -> UniVAE:
+    """A UniVAE on the backbone that ``backbone`` describes (a checkpoint, or a fresh model whose
+    vocabulary is built from ``texts``), built by the trainers' shared :func:`~rosim.training.trainer.build_model`."""
+    from rosim.training.trainer import build_model
+
+    model, tokenizer = build_model(backbone, lambda: iter(texts))
+    return UniVAE(model, tokenizer, config)
 
 
 def train_univae(texts: Sequence[str], out_dir: str | os.PathLike, cfg: VAETrainConfig | None = None,
