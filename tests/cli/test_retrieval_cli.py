@@ -118,3 +118,29 @@ def test_eval_bad_options_exit_2(capsys, ckpt, pairs, args, message):
         args = [*args, "-m", ckpt / "a"]
     code, _, err = run(capsys, "eval", pairs, *args)
     assert code == 2 and message in err
+
+
+SHARD_CORPUS = [f"{s}{i}" for i in range(4) for s in SENTENCES]  # 40 distinct texts, 5 shards of 8
+
+
+def test_index_encode_merge_search(capsys, ckpt, tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(SHARD_CORPUS) + "\n", encoding="utf-8")
+    shards, idx = tmp_path / "shards", tmp_path / "idx"
+    for rank, written in (("0", "3 shard(s): 0..4"), ("1", "2 shard(s): 1..3")):  # 40 texts, 5 shards
+        code, _, err = run(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "a", "--shard-size", "8",
+                               "--rank", rank, "--world-size", "2")
+        assert code == 0 and f"wrote {written.split(':')[0]} into" in err and err.strip().endswith(written.split(": ")[1])
+    code, _, err = run(capsys, "index", "merge", shards, "-o", idx)
+    assert code == 0 and f"indexed {len(SHARD_CORPUS)} texts (exact, 32-d)" in err
+    code, out, _ = run(capsys, "search", idx, SHARD_CORPUS[17], "-k", "1")
+    assert code == 0 and out.strip() == f"1.0000\t{SHARD_CORPUS[17]}"
+    assert json.loads(run(capsys, "index", "info", idx)[1])["count"] == len(SHARD_CORPUS)
+    # errors: exit 2, a message, no index written
+    bad = tmp_path / "bad"
+    assert run(capsys, "index", "merge", shards, "-o", bad, "--approx", "pq")[0] == 2 and not bad.exists()
+    code, _, err = run(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "b", "--shard-size", "8", "-q")
+    assert code == 2 and "built with" in err
+    code, _, err = run(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "a", "--rank", "5",
+                           "--world-size", "2")
+    assert code == 2 and "rank" in err

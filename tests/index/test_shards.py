@@ -1,6 +1,5 @@
 """Sharded encoding and an index built from shards: equal to one-process indexing, resumable, strict."""
 
-import json
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 
 from rosim.errors import DataError, InputError
-from rosim.index import VectorIndex, build_from_shards, encode_shards, list_shards
+from rosim.index import VectorIndex, build_from_shards, default_nlist, encode_shards, list_shards
 from rosim.index.shards import VECTORS_FILE, shard_name
 from rosim.inference.sim_model import SimModel
 from tests.helpers import SENTENCES, tiny_model
@@ -161,7 +160,7 @@ def test_ivf_from_shards_trains_on_a_sample_across_shards(tmp_path, kind):
     for rank in range(3):
         encode_shards(enc, corpus, tmp_path / "shards", shard_size=2500, rank=rank, world_size=3)
     index = build_from_shards(tmp_path / "shards", kind=kind, seed=0, **({"pq_m": 8} if kind == "ivfpq" else {}))
-    assert index.ntotal == 12_000 and index.texts[:3] == ["0", "1", "2"] and index.nlist == default_nlist_for(12_000)
+    assert index.ntotal == 12_000 and index.texts[:3] == ["0", "1", "2"] and index.nlist == default_nlist(12_000)
     queries = clustered(50, dim=32, centers=60, seed=7)
     _, ids = index.search(queries, 10)
     _, ref = brute_force(db, queries, 10)
@@ -176,39 +175,3 @@ def default_nlist_for(n):
     from rosim.index import default_nlist
 
     return default_nlist(n)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    from rosim.checkpoints.io import save_checkpoint
-
-    root = tmp_path_factory.mktemp("models")
-    for name, seed in (("a", 0), ("b", 1)):
-        model, tok = tiny_model(seed=seed)
-        save_checkpoint(root / name, model, tok)
-    return root
-
-
-def test_cli_encode_merge_search(capsys, ckpt, tmp_path):
-    from tests.helpers import run_cli
-
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-    shards, idx = tmp_path / "shards", tmp_path / "idx"
-    for rank, written in (("0", "3 shard(s): 0..4"), ("1", "2 shard(s): 1..3")):  # 40 texts, 5 shards
-        code, _, err = run_cli(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "a", "--shard-size", "8",
-                               "--rank", rank, "--world-size", "2")
-        assert code == 0 and f"wrote {written.split(':')[0]} into" in err and err.strip().endswith(written.split(": ")[1])
-    code, _, err = run_cli(capsys, "index", "merge", shards, "-o", idx)
-    assert code == 0 and f"indexed {len(CORPUS)} texts (exact, 32-d)" in err
-    code, out, _ = run_cli(capsys, "search", idx, CORPUS[17], "-k", "1")
-    assert code == 0 and out.strip() == f"1.0000\t{CORPUS[17]}"
-    assert json.loads(run_cli(capsys, "index", "info", idx)[1])["count"] == len(CORPUS)
-    # errors: exit 2, a message, no index written
-    bad = tmp_path / "bad"
-    assert run_cli(capsys, "index", "merge", shards, "-o", bad, "--approx", "pq")[0] == 2 and not bad.exists()
-    code, _, err = run_cli(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "b", "--shard-size", "8", "-q")
-    assert code == 2 and "built with" in err
-    code, _, err = run_cli(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "a", "--rank", "5",
-                           "--world-size", "2")
-    assert code == 2 and "rank" in err

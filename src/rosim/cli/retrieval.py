@@ -85,8 +85,7 @@ def index_build(
         raise InputError(f"--pooling does not apply to --teacher {teacher} (it has its own pooling)")
     if batch_size <= 0:
         raise InputError(f"--batch-size must be positive, got {batch_size}")
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "meta.json").is_file())):
-        raise InputError(f"{output} exists and is not a rosim index; choose a new directory")
+    _check_index_output(output)
     from rosim.textio import output_lock
 
     with output_lock(output, wait=False):  # a second build into the same -o is refused, not raced
@@ -97,6 +96,11 @@ def index_build(
         index.save(output)
     if not quiet:
         typer.echo(f"indexed {index.ntotal} texts ({index.kind}, {index.dim}-d) into {output}", err=True)
+
+
+def _check_index_output(output: Path) -> None:
+    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "meta.json").is_file())):
+        raise InputError(f"{output} exists and is not a rosim index; choose a new directory")
 
 
 def _check_approx(approx: str | None) -> None:
@@ -154,8 +158,7 @@ def index_merge(
     from rosim.textio import output_lock
 
     _check_approx(approx)
-    if output.exists() and (not output.is_dir() or (any(output.iterdir()) and not (output / "meta.json").is_file())):
-        raise InputError(f"{output} exists and is not a rosim index; choose a new directory")
+    _check_index_output(output)
     with output_lock(output, wait=False):
         index = build_from_shards(shards, kind=approx or "exact", train_size=train_size, nlist=nlist, nprobe=nprobe,
                                   pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from rosim.errors import DataError, InputError
-from rosim.index.vector_index import VectorIndex, default_nlist, encode_texts, identity_mismatch
+from rosim.index.vector_index import VectorIndex, _sha256, default_nlist, encode_texts, identity_mismatch
 from rosim.limits import check_int
 
 FORMAT, FORMAT_VERSION = "rosim-shard", 1
@@ -73,11 +73,7 @@ def corpus_fingerprint(path: str | os.PathLike) -> dict:
 
 
 def _file_entry(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ class Shard:
 
     def vectors(self, *, verify: bool = True, mmap: bool = False) -> np.ndarray:
         path = self.path / VECTORS_FILE
-        if verify and _file_entry(path)["sha256"] != self.meta["files"][VECTORS_FILE]["sha256"]:
+        if verify and _sha256(path) != self.meta["files"][VECTORS_FILE]["sha256"]:
             raise DataError(f"{path} is corrupt (its SHA-256 does not match meta.json); delete {self.path} "
                             "and run the encode command again to redo it")
         x = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
