@@ -144,3 +144,18 @@ def test_index_encode_merge_search(capsys, ckpt, tmp_path):
     code, _, err = run(capsys, "index", "encode", corpus, "-o", shards, "-m", ckpt / "a", "--rank", "5",
                            "--world-size", "2")
     assert code == 2 and "rank" in err
+
+
+def test_index_merge_on_disk_search_output_stays_clean(capfd, ckpt, tmp_path):
+    """faiss prints on-disk list moves on file descriptor 1; `search` stdout must hold only the hits."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(SHARD_CORPUS) + "\n", encoding="utf-8")
+    shards, idx = tmp_path / "shards", tmp_path / "idx"
+    assert run(capfd, "index", "encode", corpus, "-o", shards, "-m", ckpt / "a", "--shard-size", "16", "-q")[0] == 0
+    assert run(capfd, "index", "merge", shards, "-o", tmp_path / "x", "--on-disk")[0] == 2
+    code, out, err = run(capfd, "index", "merge", shards, "-o", idx, "--approx", "ivf", "--nlist", "2", "--nprobe", "2",
+                         "--on-disk")
+    assert code == 0 and out == "" and (idx / "vectors.ivfdata").is_file(), err
+    idx.rename(tmp_path / "moved")
+    code, out, _ = run(capfd, "search", tmp_path / "moved", SHARD_CORPUS[17], "-k", "1")
+    assert code == 0 and out == f"1.0000\t{SHARD_CORPUS[17]}\n"

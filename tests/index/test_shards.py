@@ -175,3 +175,51 @@ def default_nlist_for(n):
     from rosim.index import default_nlist
 
     return default_nlist(n)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_cells_on_disk_give_the_in_memory_index_results_and_survive_a_move(tmp_path, kind):
+    db = clustered(6_000, dim=32, centers=40)
+    corpus = tmp_path / "ids.txt"
+    corpus.write_text("".join(f"{i}\n" for i in range(len(db))), encoding="utf-8")
+    for rank in range(2):
+        encode_shards(FakeEncoder(db), corpus, tmp_path / "shards", shard_size=1700, rank=rank, world_size=2)
+    params = {"pq_m": 8} if kind == "ivfpq" else {}
+    in_memory = build_from_shards(tmp_path / "shards", kind=kind, seed=0, **params)
+    on_disk = build_from_shards(tmp_path / "shards", kind=kind, seed=0, on_disk=tmp_path / "idx", **params)
+    assert on_disk.on_disk and not in_memory.on_disk and (tmp_path / "idx" / "vectors.ivfdata").is_file()
+    assert on_disk.texts == in_memory.texts and on_disk.ntotal == 6_000
+    assert not [p.name for p in (tmp_path / "idx").iterdir() if p.name.startswith("cells-")]
+    queries = clustered(40, dim=32, centers=40, seed=3)
+    scores, ids = in_memory.search(queries, 10)
+    np.testing.assert_array_equal(on_disk.search(queries, 10)[1], ids)
+    # the lists file is found beside vectors.faiss after the directory moves, and a saved copy is whole
+    (tmp_path / "idx").rename(tmp_path / "moved")
+    moved = VectorIndex.load(tmp_path / "moved")
+    assert moved.on_disk
+    np.testing.assert_allclose(moved.search(queries, 10)[0], scores, atol=1e-5)
+    copy = VectorIndex.load(moved.save(tmp_path / "copy"))
+    np.testing.assert_array_equal(copy.search(queries, 10)[1], ids)
+    np.testing.assert_allclose(copy.vectors(), in_memory.vectors(), atol=1e-6)
+    with pytest.raises(InputError, match="cannot grow"):
+        moved.add(["x"], db[:1])
+
+
+def test_cells_on_disk_damage_and_bad_kinds_are_reported(tmp_path):
+    db = clustered(3_000, dim=16, centers=20)
+    corpus = tmp_path / "ids.txt"
+    corpus.write_text("".join(f"{i}\n" for i in range(len(db))), encoding="utf-8")
+    encode_shards(FakeEncoder(db), corpus, tmp_path / "shards", shard_size=1000)
+    with pytest.raises(InputError, match="IVF"):
+        build_from_shards(tmp_path / "shards", kind="hnsw", on_disk=tmp_path / "h")
+    assert not (tmp_path / "h").exists()
+    build_from_shards(tmp_path / "shards", kind="ivf", on_disk=tmp_path / "idx")
+    data = tmp_path / "idx" / "vectors.ivfdata"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match="corrupt"):
+        VectorIndex.load(tmp_path / "idx")
+    data.unlink()
+    with pytest.raises(DataError, match="ivfdata is missing"):
+        VectorIndex.load(tmp_path / "idx")

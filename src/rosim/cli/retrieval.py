@@ -151,6 +151,8 @@ def index_merge(
     train_size: Annotated[int | None, typer.Option(help="IVF training sample, drawn across shards (default 64*nlist)")] = None,
     hnsw_m: Annotated[int, typer.Option(help="HNSW links per node")] = 32,
     ef_search: Annotated[int, typer.Option(help="HNSW candidates explored per query")] = 64,
+    on_disk: Annotated[bool, typer.Option("--on-disk", help="ivf/ivfpq: keep the cells in OUTPUT/vectors.ivfdata, "
+                                          "memory-mapped, instead of in memory")] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build one index from every shard in SHARDS (checked: complete, one corpus, one model)."""
@@ -159,10 +161,13 @@ def index_merge(
 
     _check_approx(approx)
     _check_index_output(output)
+    if on_disk and approx not in ("ivf", "ivfpq"):
+        raise InputError("--on-disk needs --approx ivf or ivfpq (the cells are what goes on disk)")
     with output_lock(output, wait=False):
         index = build_from_shards(shards, kind=approx or "exact", train_size=train_size, nlist=nlist, nprobe=nprobe,
-                                  pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search)
-        index.save(output)
+                                  pq_m=pq_m, hnsw_m=hnsw_m, ef_search=ef_search, on_disk=output if on_disk else None)
+        if not on_disk:
+            index.save(output)
     if not quiet:
         typer.echo(f"indexed {index.ntotal} texts ({index.kind}, {index.dim}-d) from {shards} into {output}", err=True)
 

@@ -16,7 +16,8 @@ redoes exactly the missing shards and skips the finished ones: a shard is whole 
 
 :func:`build_from_shards` checks that every shard is there and that all come from the same corpus,
 model and shard size, trains the IVF cells on a uniform sample drawn across shards, and adds the
-shards one at a time: memory is the index plus one shard.
+shards one at a time: memory is the index plus one shard. With ``on_disk`` the index's cells never
+sit in memory either: they are merged into one memory-mapped file (faiss' ``OnDiskInvertedLists``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,17 @@ from pathlib import Path
 import numpy as np
 
 from rosim.errors import DataError, InputError
-from rosim.index.vector_index import VectorIndex, _sha256, default_nlist, encode_texts, identity_mismatch
+from rosim.index.vector_index import (
+    IVF_KINDS,
+    IVFDATA_FILE,
+    VectorIndex,
+    _faiss,
+    _sha256,
+    default_nlist,
+    encode_texts,
+    faiss_stdout_silenced,
+    identity_mismatch,
+)
 from rosim.limits import check_int
 
 FORMAT, FORMAT_VERSION = "rosim-shard", 1
@@ -264,12 +275,19 @@ def list_shards(shard_dir: str | os.PathLike) -> list[Shard]:
 
 
 def build_from_shards(shard_dir: str | os.PathLike, *, kind: str = "ivf", train_size: int | None = None,
-                      seed: int = 0, verify: bool = True, **params) -> VectorIndex:
+                      seed: int = 0, verify: bool = True, on_disk: str | os.PathLike | None = None,
+                      **params) -> VectorIndex:
     """One :class:`VectorIndex` from a finished shard directory (texts in corpus order).
 
     IVF kinds train on ``train_size`` vectors (default ``64 * nlist``, at most all) drawn uniformly
     without replacement across the shards, then every shard is added in turn.
+
+    ``on_disk=DIR`` (IVF kinds) writes the index straight into ``DIR`` (atomically) with its cells in
+    ``DIR/vectors.ivfdata``, and returns it loaded from there, the cells memory-mapped: building and
+    searching it hold the coarse centroids (and PQ codebooks) in memory, not the vectors or codes.
     """
+    if on_disk is not None and kind not in IVF_KINDS:
+        raise InputError(f"cells on disk need an IVF index (ivf or ivfpq), not {kind!r}")
     shards = list_shards(shard_dir)
     meta = shards[0].meta
     total = sum(s.count for s in shards)
@@ -287,6 +305,35 @@ def build_from_shards(shard_dir: str | os.PathLike, *, kind: str = "ivf", train_
             if len(rows):
                 sample.append(np.asarray(s.vectors(verify=False, mmap=True)[rows]))
         index.train(np.concatenate(sample), expected_total=total)
+    if on_disk is not None:
+        return _merge_on_disk(index, shards, Path(on_disk), verify)
     for s in shards:
         index.add(s.texts(), s.vectors(verify=verify))
     return index
+
+
+def _merge_on_disk(index: VectorIndex, shards: list[Shard], out_dir: Path, verify: bool) -> VectorIndex:
+    """Each shard is added to a copy of the trained (empty) index with ids ``first .. first + count - 1``
+    and written as a faiss file; faiss then concatenates the shards' lists cell by cell into one
+    ``OnDiskInvertedLists`` file, reading the shard files memory-mapped. Memory: one shard's vectors."""
+    from faiss.contrib.ondisk import merge_ondisk
+
+    from rosim.textio import atomic_directory
+
+    faiss = _faiss()
+    with atomic_directory(out_dir) as tmp:
+        parts, first = [], 0
+        for s in shards:
+            part = faiss.clone_index(index._index)
+            vectors = index._check_vectors(s.vectors(verify=verify))
+            part.add_with_ids(vectors, np.arange(first, first + len(vectors), dtype=np.int64))
+            parts.append(tmp / f"cells-{s.meta['shard']:06d}.faiss")
+            faiss.write_index(part, str(parts[-1]))
+            first += len(vectors)
+            del part, vectors
+        with faiss_stdout_silenced():
+            merge_ondisk(index._index, [str(p) for p in parts], str(tmp / IVFDATA_FILE))
+        for p in parts:
+            p.unlink()
+        index.write_files(tmp, (t for s in shards for t in s.texts()))
+    return VectorIndex.load(out_dir, verify=False)

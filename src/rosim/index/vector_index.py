@@ -20,6 +20,8 @@ On disk an index is a directory written atomically::
 
     meta.json       format, kind, parameters, count, encoder identity, pooling, sizes + SHA-256 of the files
     vectors.faiss   the faiss index (faiss' own binary format; no pickling)
+    vectors.ivfdata only for an index merged with its cells on disk (``rosim index merge --on-disk``):
+                    faiss' OnDiskInvertedLists, memory-mapped when searched instead of read into memory
     texts.jsonl     one JSON string per vector, in id order
 
 Loading checks sizes and checksums, so a truncated or corrupted index is reported as such, and
@@ -28,10 +30,14 @@ refuses an encoder whose identity differs from the one that built the index.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import math
 import os
+import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -44,6 +50,7 @@ from rosim.limits import MAX_EF, MAX_HNSW_M, MAX_NLIST, check_int
 
 FORMAT, FORMAT_VERSION = "rosim-index", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.faiss", "texts.jsonl"
+IVFDATA_FILE = "vectors.ivfdata"
 KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")
 IDENTITY_KEYS = ("weights", "fingerprint", "dim", "max_length")  # what must match; the name (a path) may differ
@@ -66,6 +73,23 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+@contextlib.contextmanager
+def faiss_stdout_silenced():
+    """faiss' C++ reports on-disk list moves ("resizing …", "updating ondisk filename …") with printf on
+    file descriptor 1, which would mix into a command's output: send it to /dev/null meanwhile."""
+    sys.stdout.flush()
+    libc = ctypes.CDLL(None)
+    saved, devnull = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _identity_of(directory: Path) -> tuple[int, int, int] | None:
@@ -221,6 +245,19 @@ class VectorIndex:
     def is_trained(self) -> bool:
         return self._index is not None and bool(self._index.is_trained)
 
+    def _on_disk_lists(self):
+        """faiss' OnDiskInvertedLists of an index merged with ``on_disk``; None for one held in memory."""
+        if self.kind not in IVF_KINDS or self._index is None:
+            return None
+        faiss = _faiss()
+        lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(self._index).invlists)
+        return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether the IVF cells live in ``vectors.ivfdata`` (memory-mapped) rather than in memory."""
+        return self._on_disk_lists() is not None
+
     def __repr__(self) -> str:
         params = f", nlist={self.nlist}, nprobe={self._nprobe()}" if self.kind in IVF_KINDS else (
             f", m={self.hnsw_m}, ef_search={self.ef_search}" if self.kind == "hnsw" else "")
@@ -275,6 +312,9 @@ class VectorIndex:
                 raise InputError(f"text {i} is a {type(t).__name__}, expected str")
         if not len(x):
             return
+        if self.on_disk:
+            raise InputError("this index keeps its cells on disk (`rosim index merge --on-disk`) and cannot grow: "
+                             "encode the new texts as shards and merge again")
         if self.needs_training:
             self.train(x)
         self._index.add(x)
@@ -447,18 +487,31 @@ class VectorIndex:
             if any(directory.iterdir()) and not (directory / META_FILE).is_file():
                 raise InputError(f"{directory} exists and is not a rosim index; refusing to replace it "
                                  "(choose a new directory or remove it)")
-        faiss = _faiss()
         with atomic_directory(directory) as tmp:
-            faiss.write_index(self._index, str(tmp / VECTORS_FILE))
-            with open(tmp / TEXTS_FILE, "w", encoding="utf-8", newline="\n") as f:
-                for t in self.texts:
-                    f.write(json.dumps(t, ensure_ascii=False) + "\n")
-            meta = self.meta()
-            meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            meta["files"] = {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                             for name in (VECTORS_FILE, TEXTS_FILE)}
-            (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+            lists = self._on_disk_lists()
+            if lists is not None:
+                shutil.copyfile(lists.filename, tmp / IVFDATA_FILE)
+            self.write_files(tmp, self.texts)
         return directory
+
+    def write_files(self, directory: Path, texts: Iterable[str]) -> None:
+        """Write ``vectors.faiss``, ``texts.jsonl`` and ``meta.json`` into ``directory`` (a temporary one
+        being made atomically); an on-disk index's ``vectors.ivfdata`` must be there already."""
+        faiss = _faiss()
+        names = (VECTORS_FILE, TEXTS_FILE) + ((IVFDATA_FILE,) if self.on_disk else ())
+        faiss.write_index(self._index, str(directory / VECTORS_FILE))
+        written = 0
+        with open(directory / TEXTS_FILE, "w", encoding="utf-8", newline="\n") as f:
+            for t in texts:
+                f.write(json.dumps(t, ensure_ascii=False) + "\n")
+                written += 1
+        if written != self.ntotal:
+            raise DataError(f"{written} texts for {self.ntotal} vectors")
+        meta = self.meta()
+        meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        meta["files"] = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
+                         for name in names}
+        (directory / META_FILE).write_text(json.dumps(meta, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | os.PathLike, encoder=None, *, verify: bool = True) -> VectorIndex:
@@ -509,7 +562,7 @@ class VectorIndex:
                         pooling=meta.get("pooling"), **params)
         except (KeyError, TypeError, ValueError, InputError) as exc:
             raise DataError(f"{meta_path} is missing or has a bad field ({exc}){damaged}") from None
-        for name in (VECTORS_FILE, TEXTS_FILE):
+        for name in (VECTORS_FILE, TEXTS_FILE) + ((IVFDATA_FILE,) if IVFDATA_FILE in files else ()):
             path = directory / name
             if not path.is_file():
                 raise DataError(f"{path} is missing{damaged}")
@@ -522,7 +575,11 @@ class VectorIndex:
                 raise DataError(f"{path} is corrupt (its SHA-256 does not match meta.json){damaged}")
         faiss = _faiss()
         try:
-            raw = faiss.read_index(str(directory / VECTORS_FILE))
+            if IVFDATA_FILE in files:  # the lists file is looked for beside vectors.faiss, wherever that moved
+                with faiss_stdout_silenced():
+                    raw = faiss.read_index(str(directory / VECTORS_FILE), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            else:
+                raw = faiss.read_index(str(directory / VECTORS_FILE))
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
             raise DataError(f"{directory / VECTORS_FILE} is not a readable faiss index ({first}){damaged}") from None
