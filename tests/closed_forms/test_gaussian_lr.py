@@ -7,6 +7,7 @@ from sklearn.base import clone
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import cross_val_score
+from sklearn.utils._param_validation import InvalidParameterError
 
 from rosim.closed_forms import GaussianLogisticRegression
 from rosim.errors import InputError
@@ -77,6 +78,8 @@ def test_torch_inputs_and_to_linear():
     c = GaussianLogisticRegression().fit(torch.from_numpy(X), torch.from_numpy(y))
     np.testing.assert_array_equal(c.coef_, a.coef_)
     np.testing.assert_allclose(b.predict_proba(torch.from_numpy(X)), a.predict_proba(X), atol=1e-5)
+    grad = torch.from_numpy(X).requires_grad_()  # e.g. straight from an encoder
+    np.testing.assert_array_equal(a.predict(grad), a.predict(X))
     lin = a.to_linear(dtype=torch.float64)
     logits = lin(torch.from_numpy(X)).detach().numpy()
     np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), a.predict_proba(X), atol=1e-12)
@@ -150,26 +153,33 @@ def test_save_load_roundtrip(tmp_path):
 
 
 def test_bad_inputs():
+    # rosim's own checks raise InputError; array and parameter checks are scikit-learn's (ValueError)
     X, y = blobs(k=2)
     with pytest.raises(InputError, match="only one class"):
         GaussianLogisticRegression().fit(X, np.zeros(len(X)))
-    with pytest.raises(InputError, match="300 samples but y has 299"):
+    with pytest.raises(ValueError, match=r"inconsistent numbers of samples: \[300, 299\]"):
         GaussianLogisticRegression().fit(X, y[:-1])
     Xn = X.copy()
     Xn[4, 2] = np.nan
-    with pytest.raises(InputError, match="NaN or infinite values .*row 4, column 2"):
+    with pytest.raises(ValueError, match="Input X contains NaN"):
         GaussianLogisticRegression().fit(Xn, y)
-    with pytest.raises(InputError, match="2-D"):
+    with pytest.raises(ValueError, match="Expected 2D array, got 1D array"):
         GaussianLogisticRegression().fit(X[:, 0], y)
-    with pytest.raises(InputError, match="shrinkage"):
+    with pytest.raises(InvalidParameterError, match="'shrinkage' parameter .* Got 2.0"):
         GaussianLogisticRegression(shrinkage=2.0).fit(X, y)
-    with pytest.raises(InputError, match="Unknown label type: continuous"):
+    with pytest.raises(InvalidParameterError, match="'whiten' parameter"):
+        GaussianLogisticRegression(whiten="yes").fit(X, y)
+    with pytest.raises(ValueError, match="Unknown label type: continuous"):
         GaussianLogisticRegression().fit(X, np.linspace(0, 1, len(X)))
     with pytest.raises(InputError, match="priors"):
         GaussianLogisticRegression(priors=[1.0, 0.0]).fit(X, y)
+    with pytest.raises(InputError, match="priors has 3 entries but y has 2 classes"):
+        GaussianLogisticRegression(priors=[0.2, 0.3, 0.5]).fit(X, y)
     m = GaussianLogisticRegression().fit(X, y)
-    with pytest.raises(InputError, match="X has 5 features, but GaussianLogisticRegression is expecting 6"):
+    with pytest.raises(ValueError, match="X has 5 features, but GaussianLogisticRegression is expecting 6"):
         m.predict(X[:, :5])
+    with pytest.raises(ValueError, match="X has 5 features"):
+        m.predict_proba(X[:, :5])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with pytest.raises(UserWarning, match="renormalising"):

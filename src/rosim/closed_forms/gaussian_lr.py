@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,11 @@ import scipy.linalg
 import scipy.linalg.blas
 import scipy.sparse
 from scipy.special import expit, log_expit, log_softmax, softmax
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, _fit_context
+from sklearn.linear_model._base import LinearClassifierMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from rosim.errors import CheckpointError, InputError
 
@@ -37,57 +42,14 @@ _VERSION = 1
 _EPS = float(np.finfo(np.float64).eps)
 
 
-def _as_matrix(X: Any, name: str = "X") -> np.ndarray:
-    if hasattr(X, "detach") and hasattr(X, "cpu"):  # a torch tensor
-        X = X.detach().cpu().numpy()
-    if scipy.sparse.issparse(X):
-        raise InputError(f"sparse input is not supported: pass {name} as a dense array ({name}.toarray())")
-    try:
-        arr = np.asarray(X)
-        if arr.dtype.kind == "c":
-            raise InputError(f"Complex data not supported: {name} has dtype {arr.dtype}")
-        arr = arr.astype(np.float64, copy=False)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
-        raise InputError(f"{name} must be a 2-D array of numbers: {exc}") from None
-    if arr.ndim != 2:
-        raise InputError(f"{name} must be 2-D (n_samples, n_features), got shape {arr.shape}. Reshape your "
-                         "data with X.reshape(-1, 1) for one feature or X.reshape(1, -1) for one sample")
-    if arr.shape[1] == 0:
-        raise InputError(f"0 feature(s) (shape={arr.shape}) while a minimum of 1 is required.")
-    if not np.isfinite(arr).all():
-        bad = np.argwhere(~np.isfinite(arr))[0]
-        raise InputError(f"{name} contains NaN or infinite values (first at row {bad[0]}, column {bad[1]})")
-    return arr
+def _host(a: Any) -> Any:
+    """A torch tensor (any device, with or without grad) as a NumPy array; anything else unchanged."""
+    if hasattr(a, "detach") and hasattr(a, "cpu"):
+        return a.detach().cpu().numpy()
+    return a
 
 
-def _as_labels(y: Any) -> np.ndarray:
-    if y is None:
-        raise InputError("GaussianLogisticRegression requires y to be passed, but the target y is None")
-    if hasattr(y, "detach") and hasattr(y, "cpu"):
-        y = y.detach().cpu().numpy()
-    arr = np.asarray(y)
-    if arr.ndim == 2 and arr.shape[1] == 1:
-        from sklearn.exceptions import DataConversionWarning
-
-        warnings.warn("A column-vector y was passed when a 1d array was expected; using y.ravel()",
-                      DataConversionWarning, stacklevel=3)
-        arr = arr[:, 0]
-    if arr.ndim != 1:
-        raise InputError(f"y must be 1-D (n_samples,), got shape {arr.shape}")
-    if arr.dtype.kind == "f":
-        if not np.isfinite(arr).all():
-            raise InputError("y contains NaN or infinite labels")
-        from sklearn.utils.multiclass import type_of_target
-
-        if type_of_target(arr) == "continuous":
-            raise InputError("Unknown label type: continuous. y must hold class labels (ints or strings), "
-                             "not real-valued targets")
-    return arr
-
-
-class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
+class GaussianLogisticRegression(LinearClassifierMixin, BaseEstimator):
     """Closed-form logistic (2 classes) / softmax (K classes) regression under shared-covariance Gaussians.
 
     Parameters
@@ -114,7 +76,17 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
     n_features_in_ : int
     solver_ : str
         "cholesky", or "lstsq" when Σ was singular (minimum-norm solution, as sklearn's lsqr).
+
+    Input checks, parameter validation, `decision_function`, `predict` and `score` are scikit-learn's
+    own (``validate_data``, ``_parameter_constraints``, ``LinearClassifierMixin``); torch tensors are
+    accepted wherever arrays are.
     """
+
+    _parameter_constraints: dict = {
+        "priors": ["array-like", None],
+        "shrinkage": [None, StrOptions({"auto"}), Interval(Real, 0, 1, closed="both")],
+        "whiten": ["boolean"],
+    }
 
     def __init__(self, priors: Any = None, shrinkage: float | str | None = None, whiten: bool = False):
         self.priors = priors
@@ -123,6 +95,7 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ fit
 
+    @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X: Any, y: Any) -> GaussianLogisticRegression:
         """Estimate means, priors and the shared covariance, then solve for coef_ and intercept_.
 
@@ -135,17 +108,14 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
         -------
         self
         """
-        X = _as_matrix(X)
-        y = _as_labels(y)
+        X, y = validate_data(self, _host(X), _host(y), dtype=np.float64)
+        check_classification_targets(y)
         n, d = X.shape
-        if y.shape[0] != n:
-            raise InputError(f"X has {n} samples but y has {y.shape[0]} labels")
         classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
         k = len(classes)
         if k < 2:
             label = f" ({classes[0]!r})" if k else ""
             raise InputError(f"y has only one class{label}; a classifier needs at least 2 classes")
-        self._check_shrinkage()
         priors = self._priors(counts, n)
 
         onehot = scipy.sparse.csr_matrix((np.ones(n), (y_idx, np.arange(n))), shape=(k, n))
@@ -194,16 +164,8 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
         self.covariance_ = (covariance + covariance.T) / 2
         self.coef_ = coef
         self.intercept_ = intercept
-        self.n_features_in_ = d
         self.solver_ = solver
         return self
-
-    def _check_shrinkage(self) -> None:
-        s = self.shrinkage
-        if s is None or s == "auto":
-            return
-        if isinstance(s, bool) or not isinstance(s, int | float | np.floating) or not 0 <= s <= 1:
-            raise InputError(f"shrinkage must be None, 'auto' or a float in [0, 1], got {s!r}")
 
     def _priors(self, counts: np.ndarray, n: int) -> np.ndarray:
         if self.priors is None:
@@ -226,21 +188,9 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ predict
 
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("this GaussianLogisticRegression is not fitted yet; call fit(X, y) first")
-
     def decision_function(self, X: Any) -> np.ndarray:
         """Logits: shape (n,) for two classes (the log-odds of classes_[1]), else (n, n_classes)."""
-        self._check_fitted()
-        X = _as_matrix(X)
-        if X.shape[1] != self.n_features_in_:
-            raise InputError(f"X has {X.shape[1]} features, but GaussianLogisticRegression is expecting "
-                             f"{self.n_features_in_} features as input")
-        scores = X @ self.coef_.T + self.intercept_
-        return scores[:, 0] if scores.shape[1] == 1 else scores
+        return super().decision_function(_host(X))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n, n_classes), columns in the order of classes_."""
@@ -259,9 +209,7 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
 
     def predict(self, X: Any) -> np.ndarray:
         """The most probable class of each row."""
-        s = self.decision_function(X)
-        idx = (s > 0).astype(np.int64) if s.ndim == 1 else s.argmax(axis=1)
-        return self.classes_[idx]
+        return super().predict(_host(X))
 
     # ------------------------------------------------------------------ torch and files
 
@@ -272,7 +220,7 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
         """
         import torch
 
-        self._check_fitted()
+        check_is_fitted(self)
         dtype = dtype or torch.get_default_dtype()
         layer = torch.nn.Linear(self.coef_.shape[1], self.coef_.shape[0], dtype=dtype, device=device)
         with torch.no_grad():
@@ -288,7 +236,7 @@ class GaussianLogisticRegression(ClassifierMixin, BaseEstimator):
         """
         from safetensors.numpy import save_file
 
-        self._check_fitted()
+        check_is_fitted(self)
         path = Path(path)
         kind = self.classes_.dtype.kind
         if kind not in "iubfU" and not (kind == "O" and all(isinstance(c, str) for c in self.classes_)):
