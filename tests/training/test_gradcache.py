@@ -377,6 +377,31 @@ def test_bad_input_raises_input_error(kwargs, message):
         gradcache_backward(args.pop("models"), args.pop("batches"), args.pop("loss_fn"), args.pop("chunk_size"), **args)
 
 
+def test_plain_full_batch_hook_checks_the_loss_like_the_cache():
+    model = _model()
+    for chunk in (None, 3):
+        with pytest.raises(InputError, match=r"scalar \(0-dim\) tensor, got shape \(8,\)"):
+            contrastive_backward(lambda b: model(**b), _ids(8), lambda e: e.sum(1), chunk)
+
+
+def test_phase_two_caches_the_scaled_loss_gradient_of_each_input_in_its_dtype():
+    class Times8:
+        def scale(self, x):
+            return 8 * x
+
+    g = torch.Generator().manual_seed(0)
+    used, unused = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g).bfloat16()
+    loss, cache = gradcache._embedding_gradients(
+        [used, unused], lambda a, b: roformer_sim_contrastive_loss(a), None, Times8(), world=1, rank=0,
+    )
+    leaf = used.clone().requires_grad_()
+    expected_loss = roformer_sim_contrastive_loss(leaf)
+    (expected,) = torch.autograd.grad(expected_loss, leaf)
+    assert not loss.requires_grad and loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    torch.testing.assert_close(cache[0], 8 * expected)
+    assert cache[1].dtype == torch.bfloat16 and not cache[1].any()  # the loss ignores it: zeros
+
+
 def test_bad_chunk_size_in_constructor_and_for_one_of_several_batches():
     with pytest.raises(InputError, match="positive int"):
         GradCache(_model(), 0, roformer_sim_contrastive_loss)
