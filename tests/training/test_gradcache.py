@@ -9,15 +9,18 @@ first pass sees; the cache is right only if its second pass replays them.
 import contextlib
 import os
 import tempfile
+from typing import NamedTuple
 
 import pytest
 import torch
 from torch import nn
 
 from rosim.errors import InputError
+from rosim.training import gradcache
 from rosim.training.gradcache import (
     Args,
     GradCache,
+    batch_rows,
     contrastive_backward,
     gradcache_backward,
     split_batch,
@@ -182,13 +185,21 @@ def test_tied_towers_same_module():
     assert_same(got, ref)
 
 
-def test_fails_without_random_state_replay():
+def _without_replay(monkeypatch):
+    """The second pass runs from the current random state instead of the recorded one (new dropout masks)."""
+    monkeypatch.setattr(gradcache.RandomState, "replay", lambda self: contextlib.nullcontext())
+
+
+def test_fails_without_random_state_replay(monkeypatch):
     torch.manual_seed(0)
     model = TinyEncoder().train()
     batch = _ids(16)
     _, ref = reference([model], [batch], roformer_sim_contrastive_loss, 4, seed=7)
-    _, got = cached([model], [batch], roformer_sim_contrastive_loss, 4, seed=7, _replay_rng=False)
-    assert rel_err(got, ref) > 1e-2
+    _, got = cached([model], [batch], roformer_sim_contrastive_loss, 4, seed=7)
+    assert_same(got, ref)
+    _without_replay(monkeypatch)
+    _, broken = cached([model], [batch], roformer_sim_contrastive_loss, 4, seed=7)
+    assert rel_err(broken, ref) > 1e-2
 
 
 def test_multi_input_model_with_kwargs_and_loss_kwargs():
@@ -304,7 +315,7 @@ def test_no_sync_on_all_but_the_last_chunk_of_each_module():
     assert calls == [("q", True), ("q", False), ("d", True), ("d", True), ("d", True), ("d", False)]
 
 
-def test_realistic_encoder_transformers_roformer_with_dropout():
+def test_realistic_encoder_transformers_roformer_with_dropout(monkeypatch):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.RoFormerConfig(
         vocab_size=VOCAB, embedding_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -327,7 +338,8 @@ def test_realistic_encoder_transformers_roformer_with_dropout():
     loss, got = cached([model], [batch], roformer_sim_contrastive_loss, 3, seed=5)
     assert_same(got, ref)
     assert loss.item() == pytest.approx(loss_ref.item(), rel=1e-6)
-    _, broken = cached([model], [batch], roformer_sim_contrastive_loss, 3, seed=5, _replay_rng=False)
+    _without_replay(monkeypatch)
+    _, broken = cached([model], [batch], roformer_sim_contrastive_loss, 3, seed=5)
     assert rel_err(broken, ref) > 1e-3
 
 
@@ -365,6 +377,31 @@ def test_bad_input_raises_input_error(kwargs, message):
         gradcache_backward(args.pop("models"), args.pop("batches"), args.pop("loss_fn"), args.pop("chunk_size"), **args)
 
 
+def test_plain_full_batch_hook_checks_the_loss_like_the_cache():
+    model = _model()
+    for chunk in (None, 3):
+        with pytest.raises(InputError, match=r"scalar \(0-dim\) tensor, got shape \(8,\)"):
+            contrastive_backward(lambda b: model(**b), _ids(8), lambda e: e.sum(1), chunk)
+
+
+def test_phase_two_caches_the_scaled_loss_gradient_of_each_input_in_its_dtype():
+    class Times8:
+        def scale(self, x):
+            return 8 * x
+
+    g = torch.Generator().manual_seed(0)
+    used, unused = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g).bfloat16()
+    loss, cache = gradcache._embedding_gradients(
+        [used, unused], lambda a, b: roformer_sim_contrastive_loss(a), None, Times8(), world=1, rank=0,
+    )
+    leaf = used.clone().requires_grad_()
+    expected_loss = roformer_sim_contrastive_loss(leaf)
+    (expected,) = torch.autograd.grad(expected_loss, leaf)
+    assert not loss.requires_grad and loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    torch.testing.assert_close(cache[0], 8 * expected)
+    assert cache[1].dtype == torch.bfloat16 and not cache[1].any()  # the loss ignores it: zeros
+
+
 def test_bad_chunk_size_in_constructor_and_for_one_of_several_batches():
     with pytest.raises(InputError, match="positive int"):
         GradCache(_model(), 0, roformer_sim_contrastive_loss)
@@ -372,12 +409,45 @@ def test_bad_chunk_size_in_constructor_and_for_one_of_several_batches():
         GradCache(_model(), 6, _qd_loss).step(_ids(8), _ids(4), _ids(8))
 
 
+# ------------------------------------------------------------------------------- batches as trees
+
+
+class Tagged(NamedTuple):
+    ids: torch.Tensor
+    tag: str
+
+
+def test_split_batch_walks_args_namedtuples_and_dicts_and_keeps_other_leaves():
+    x = torch.arange(10).view(5, 2)
+    batch = Args(x, Tagged(x + 1, "t"), flag=True, scale=torch.tensor(2.0), nested={"m": [x * 2]})
+    chunks = split_batch(batch, 2)
+    assert [batch_rows(c) for c in chunks] == [2, 2, 1]
+    last = chunks[-1]
+    assert isinstance(last, Args) and isinstance(last.args[1], Tagged) and last.args[1].tag == "t"
+    assert torch.equal(last.args[0], x[4:]) and torch.equal(last.args[1].ids, x[4:] + 1)
+    assert last.kwargs["flag"] is True and torch.equal(last.kwargs["scale"], torch.tensor(2.0))  # 0-dim: unsplit
+    assert torch.equal(last.kwargs["nested"]["m"][0], x[4:] * 2)
+    assert torch.equal(torch.cat([c.args[0] for c in chunks]), x)
+
+
+def test_mismatched_rows_name_each_tensor_by_its_path():
+    batch = Args(torch.zeros(5), Tagged(torch.zeros(4), "t"), w=[torch.zeros(3)])
+    with pytest.raises(InputError, match=r"batch\.args\[0\] has 5, batch\.args\[1\]\.ids has 4, "
+                                         r"batch\.kwargs\['w'\]\[0\] has 3 rows"):
+        batch_rows(batch)
+
+
 # ------------------------------------------------------------------------------- two processes
 
 
 def _worker(rank, world, tmp, seed):
+    """Each rank's gradients are its share; DDP sums the shares, as the trainer's DDP does."""
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from rosim.training.loop import data_parallel
+
+    def ddp(module):
+        return data_parallel(module, torch.device("cpu"))
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
@@ -385,17 +455,17 @@ def _worker(rank, world, tmp, seed):
         n = 8 // world
         local = {k: v[rank * n:(rank + 1) * n] for k, v in _ids(8).items()}
         torch.manual_seed(0)
-        model = DDP(TinyEncoder().train())
+        model = ddp(TinyEncoder().train())
         torch.manual_seed(seed + rank)
         loss1 = GradCache(model, 3, roformer_sim_contrastive_loss).step(local)
         g1 = _grads(model.module)
 
         q_enc, d_enc = _towers()
-        q_ddp, d_ddp = DDP(q_enc), DDP(d_enc)
+        q_ddp, d_ddp = ddp(q_enc), ddp(d_enc)
         b = [_ids(8, 1), _ids(8, 2), _ids(16, 3)]
-        parts = [{k: v[rank * len(v) // world:(rank + 1) * len(v) // world] for k, v in x.items()} for x in b]
+        local_batches = [{k: v[rank * len(v) // world:(rank + 1) * len(v) // world] for k, v in x.items()} for x in b]
         torch.manual_seed(seed + rank)
-        loss2 = GradCache([q_ddp, d_ddp, d_ddp], 3, _qd_loss).step(*parts)
+        loss2 = GradCache([q_ddp, d_ddp, d_ddp], 3, _qd_loss).step(*local_batches)
         g2 = _grads(q_enc, d_enc)
 
         # the trainer hook, plain (chunk_size=None) and cached, without dropout

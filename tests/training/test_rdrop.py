@@ -1,6 +1,8 @@
 """R-Drop losses against hand-computed references, gradients, batch duplication, stage-1 option."""
 
+import dataclasses
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -169,6 +171,33 @@ def test_duplicate_and_split_round_trip_and_dropout_passes_differ():
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in net.parameters())
     assert inp.grad.abs().sum() > 0
+
+
+class Rows(NamedTuple):
+    ids: torch.Tensor
+    scale: torch.Tensor
+    name: str
+
+
+@dataclasses.dataclass
+class Encoded:
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+def test_duplicate_batch_walks_pytrees_and_refuses_containers_it_cannot_see():
+    ids = torch.arange(6).view(3, 2)
+    dup = duplicate_batch((Rows(ids, torch.tensor(2.0), "r"), None), "interleave")
+    assert isinstance(dup, tuple) and isinstance(dup[0], Rows) and dup[1] is None
+    assert torch.equal(dup[0].ids, ids.repeat_interleave(2, dim=0)) and dup[0].name == "r"
+    assert torch.equal(dup[0].scale, torch.tensor(2.0))  # 0-dim: kept
+    first, second = split_outputs(dup[0], "interleave")
+    assert torch.equal(first.ids, ids) and torch.equal(second.ids, ids) and first.name == "r"
+
+    with pytest.raises(InputError, match="no tensor with a row dimension"):  # an unregistered dataclass is a leaf
+        duplicate_batch(Encoded(ids, torch.ones(3, 2)))
+    with pytest.raises(InputError, match="no tensor"):
+        split_outputs(["a", "b"])
 
 
 def test_bad_inputs():

@@ -2,26 +2,30 @@
 
 A contrastive loss couples every row of the batch, so summing per-chunk losses (plain gradient
 accumulation) is *not* the large-batch loss. The gradient cache (Gao et al. 2021; Su, post 8471)
-gets the exact large-batch gradient with the memory of one chunk:
+gets the exact large-batch gradient with the memory of one chunk, in three phases:
 
-1. forward every chunk **without** gradients, recording the random state (CPU and CUDA) before each
-   chunk, and keep only the embeddings;
-2. compute the loss on the whole batch's embeddings and its gradient ``G = dL/dE`` (the "cache");
-3. for each chunk, restore its random state (same dropout masks), forward again **with** gradients
-   and back-propagate ``G[chunk]``: ``E[chunk].backward(G[chunk])``.
+1. :func:`_encode_without_grad`: forward every chunk **without** gradients, recording the random
+   state (CPU and CUDA) before each chunk, and keep only the embeddings ``E``;
+2. :func:`_embedding_gradients`: the loss ``L`` on the whole batch's embeddings and its gradient
+   ``G = ∂L/∂E`` (the "cache");
+3. :func:`_backward_chunks`: for each chunk, restore its random state (same dropout masks), forward
+   again **with** gradients and back-propagate ``G[chunk]``: ``E[chunk].backward(G[chunk])``.
 
-Since ``dL/dθ = Σ_chunks (dE_chunk/dθ)ᵀ G_chunk``, the parameter gradients are those of the full
+Since ``∂L/∂θ = Σ_chunks (∂E_chunk/∂θ)ᵀ G_chunk``, the parameter gradients are those of the full
 batch, dropout included, at the cost of one extra forward pass. This module is model-agnostic: an
 "encoder" is any callable returning one embedding row per input row.
 
 Inputs: a batch is a tensor (``model(x)``), a tuple/list (``model(*x)``), a dict (``model(**x)``) or
-:class:`Args` (``model(*args, **kwargs)``); tensors anywhere inside (nested too) are split along
-dim 0 and must all have the same number of rows; other values are passed unchanged to every chunk.
+:class:`Args` (``model(*args, **kwargs)``). It is walked as a :mod:`torch.utils._pytree` tree (dict,
+list, tuple, namedtuple, :class:`Args`; register other containers with pytree): tensors anywhere
+inside are split along dim 0 and must all have the same number of rows; other leaves (and 0-dim
+tensors) are passed unchanged to every chunk.
 
 Distributed (``torch.distributed``): each rank encodes its local batch, the embeddings are
 all-gathered so that the loss is the *global* batch's loss, and each rank back-propagates the slice
-of ``dL/dE`` that belongs to its rows. DDP averages gradients over ranks, so that slice is multiplied
-by the world size (``ddp_average=True``): the averaged gradient is then exactly ``dL_global/dθ``.
+of ``∂L/∂E`` that belongs to its rows. The ranks' parameter gradients therefore **sum** to
+``∂L_global/∂θ``: reduce them with a sum, as :func:`rosim.training.loop.data_parallel` does (DDP
+with a summing communication hook; DDP's default hook averages, which divides by the world size).
 DDP-wrapped encoders run all chunks but the last (per module) under ``no_sync()``.
 
 Mixed precision: pass ``autocast_dtype`` to run the forwards under ``torch.autocast``; the loss is
@@ -43,6 +47,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.utils._pytree import (
+    GetAttrKey,
+    keystr,
+    register_pytree_node,
+    tree_flatten_with_path,
+    tree_leaves,
+    tree_map_only,
+)
 
 from rosim.errors import InputError
 
@@ -74,63 +86,48 @@ class Args:
         return f"Args(*{self.args!r}, **{self.kwargs!r})"
 
 
+# A pytree node with two children, the positional tuple and the keyword dict (paths ".args[0]", ".kwargs['k']").
+register_pytree_node(
+    Args,
+    lambda a: ([a.args, a.kwargs], None),
+    lambda children, _: Args(*children[0], **children[1]),
+    serialized_type_name=f"{__name__}.Args",
+    flatten_with_keys_fn=lambda a: ([(GetAttrKey("args"), a.args), (GetAttrKey("kwargs"), a.kwargs)], None),
+)
+
+
 # ----------------------------------------------------------------------------------------- batches
 
 
-def _rows(obj: Any, path: str, found: list[tuple[str, int]]) -> None:
-    """Collect (path, rows) of every tensor with a batch dimension inside ``obj``."""
-    if isinstance(obj, Tensor):
-        if obj.dim() > 0:
-            found.append((path, obj.shape[0]))
-    elif isinstance(obj, Args):
-        for i, a in enumerate(obj.args):
-            _rows(a, f"{path}.args[{i}]", found)
-        for k, v in obj.kwargs.items():
-            _rows(v, f"{path}.kwargs[{k!r}]", found)
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            _rows(v, f"{path}[{k!r}]", found)
-    elif isinstance(obj, (tuple, list)):
-        for i, v in enumerate(obj):
-            _rows(v, f"{path}[{i}]", found)
+def _tensors(batch: Any) -> list[Tensor]:
+    return [leaf for leaf in tree_leaves(batch) if isinstance(leaf, Tensor)]
 
 
 def batch_rows(batch: Any, name: str = "batch") -> int:
     """Number of rows of ``batch``; every tensor inside must have that many rows (dim 0)."""
-    found: list[tuple[str, int]] = []
-    _rows(batch, name, found)
-    if not found:
+    rows_at = [(name + keystr(path), leaf.shape[0]) for path, leaf in tree_flatten_with_path(batch)[0]
+               if isinstance(leaf, Tensor) and leaf.dim() > 0]
+    if not rows_at:
         raise InputError(f"{name} contains no tensor with a batch dimension; pass tensors of shape (N, ...)")
-    n = found[0][1]
-    bad = [(p, r) for p, r in found if r != n]
-    if bad:
-        listing = ", ".join(f"{p} has {r}" for p, r in found)
+    n = rows_at[0][1]
+    if any(rows != n for _, rows in rows_at):
+        listing = ", ".join(f"{path} has {rows}" for path, rows in rows_at)
         raise InputError(f"mismatched batch sizes in {name}: {listing} rows; all inputs must have the same rows")
     if n == 0:
         raise InputError(f"{name} is empty (0 rows)")
     return n
 
 
-def _slice(obj: Any, start: int, stop: int) -> Any:
-    if isinstance(obj, Tensor):
-        return obj[start:stop] if obj.dim() > 0 else obj
-    if isinstance(obj, Args):
-        return Args(*(_slice(a, start, stop) for a in obj.args),
-                    **{k: _slice(v, start, stop) for k, v in obj.kwargs.items()})
-    if isinstance(obj, Mapping):
-        return {k: _slice(v, start, stop) for k, v in obj.items()}
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(_slice(v, start, stop) for v in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_slice(v, start, stop) for v in obj)
-    return obj
+def _row_slice(batch: Any, start: int, stop: int) -> Any:
+    """``batch`` with every tensor cut to rows ``start:stop`` (0-dim tensors and other leaves kept)."""
+    return tree_map_only(Tensor, lambda t: t[start:stop] if t.dim() > 0 else t, batch)
 
 
 def split_batch(batch: Any, chunk_size: int, name: str = "batch") -> list[Any]:
     """Split every tensor inside ``batch`` into chunks of ``chunk_size`` rows (the last may be smaller)."""
     n = batch_rows(batch, name)
     _check_chunk_size(chunk_size, n, name)
-    return [_slice(batch, s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+    return [_row_slice(batch, s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
 
 
 def _check_chunk_size(chunk_size: Any, n: int, name: str) -> None:
@@ -150,20 +147,6 @@ def _call(model: Encoder, chunk: Any) -> Any:
     if isinstance(chunk, (tuple, list)) and not hasattr(chunk, "_fields"):
         return model(*chunk)
     return model(chunk)
-
-
-def _tensors(obj: Any) -> Iterator[Tensor]:
-    if isinstance(obj, Tensor):
-        yield obj
-    elif isinstance(obj, Args):
-        yield from _tensors(obj.args)
-        yield from _tensors(obj.kwargs)
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _tensors(v)
-    elif isinstance(obj, (tuple, list)):
-        for v in obj:
-            yield from _tensors(v)
 
 
 # ------------------------------------------------------------------------------------ random state
@@ -232,9 +215,10 @@ def _check_same_rows(rows: list[int], world: int) -> None:
 
 
 def _all_gather(t: Tensor, world: int) -> list[Tensor]:
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.detach().contiguous())
-    return parts
+    """Every rank's ``t`` (detached), in rank order."""
+    gathered = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(gathered, t.detach().contiguous())
+    return gathered
 
 
 def all_gather_with_grad(t: Tensor, distributed: bool | None = None) -> Tensor:
@@ -246,9 +230,9 @@ def all_gather_with_grad(t: Tensor, distributed: bool | None = None) -> Tensor:
     world, rank = _world(distributed)
     if world == 1:
         return t
-    parts = _all_gather(t, world)
-    parts[rank] = t
-    return torch.cat(parts)
+    gathered = _all_gather(t, world)
+    gathered[rank] = t
+    return torch.cat(gathered)
 
 
 # -------------------------------------------------------------------------------------- the cache
@@ -276,6 +260,15 @@ def _representation(out: Any, rep_fn: RepFn | None, rows: int, where: str) -> tu
     return out, aux
 
 
+def _check_loss(loss: Any) -> None:
+    if not isinstance(loss, Tensor):
+        raise InputError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    if loss.dim() != 0:
+        raise InputError(
+            f"loss_fn must return a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; reduce it, e.g. with .mean()"
+        )
+
+
 def _as_list(x: Any, k: int, what: str) -> list[Any]:
     if isinstance(x, (list, tuple, nn.ModuleList)):
         if len(x) != k:
@@ -299,6 +292,135 @@ def _autocast(dtype: torch.dtype | None, model: Encoder, chunk: Any) -> contextl
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+def _upcast(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+@dataclass
+class _ChunkedBatch:
+    """One batch of a step: the encoder that encodes it, its name in messages, its chunks and their rows."""
+
+    encoder: Encoder
+    name: str
+    chunks: list[Any]
+    chunk_rows: list[int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.chunk_rows)
+
+    def where(self, j: int) -> str:
+        return f"{self.name} chunk {j}"
+
+
+def _chunked_batches(models: Encoder | Sequence[Encoder], batches: Sequence[Any],
+                     chunk_size: int | Sequence[int]) -> list[_ChunkedBatch]:
+    """Pair every batch with its encoder and split it into chunks, checking sizes."""
+    batches = list(batches)
+    if not batches:
+        raise InputError("gradcache_backward needs at least one batch")
+    k = len(batches)
+    encoders = _as_list(models, k, "models")
+    sizes = _as_list(chunk_size, k, "chunk sizes")
+    chunked = []
+    for i, (encoder, batch, size) in enumerate(zip(encoders, batches, sizes, strict=True)):
+        name = f"batches[{i}]" if k > 1 else "batch"
+        chunks = split_batch(batch, size, name)
+        chunked.append(_ChunkedBatch(encoder, name, chunks, [batch_rows(c) for c in chunks]))
+    return chunked
+
+
+def _encode_without_grad(
+    batches: list[_ChunkedBatch], rep_fn: RepFn | None, autocast_dtype: torch.dtype | None,
+) -> tuple[list[Tensor], list[list[RandomState]], Tensor]:
+    """Phase 1: ``E_c = f_θ(x_c)`` for every chunk ``c``, without building a graph.
+
+    Returns, per batch, its embeddings ``E = [E_1; …; E_C]`` (the chunks' rows concatenated, detached),
+    the random state taken just before each chunk's forward (phase 3 replays it, so that dropout draws
+    the same masks), and ``Σ_c aux_c``, the sum of the chunks' auxiliary losses (detached, float32).
+    """
+    embeddings: list[Tensor] = []
+    states: list[list[RandomState]] = []
+    aux_total = torch.zeros(())
+    with torch.no_grad():
+        for b in batches:
+            chunk_embeddings, chunk_states = [], []
+            for j, (chunk, rows) in enumerate(zip(b.chunks, b.chunk_rows, strict=True)):
+                chunk_states.append(RandomState.capture(_cuda_devices(b.encoder, chunk)))
+                with _autocast(autocast_dtype, b.encoder, chunk):
+                    out = _call(b.encoder, chunk)
+                rep, aux = _representation(out, rep_fn, rows, b.where(j))
+                chunk_embeddings.append(rep.detach().clone())  # clone: a view would keep the whole output alive
+                if aux is not None:
+                    aux_total = aux_total.to(aux.device) + aux.detach().float()
+                del out, rep, aux
+            embeddings.append(torch.cat(chunk_embeddings))
+            states.append(chunk_states)
+    return embeddings, states, aux_total
+
+
+def _embedding_gradients(
+    embeddings: list[Tensor], loss_fn: Callable[..., Tensor], loss_kwargs: Mapping[str, Any] | None,
+    scaler: Any | None, world: int, rank: int,
+) -> tuple[Tensor, list[Tensor]]:
+    """Phase 2: the loss over the whole (global) batch and the cache ``G_i = ∂(s·L)/∂E_i``.
+
+    ``L = loss_fn(E_1, …, E_k, **loss_kwargs)`` on float32 copies of the embeddings (half precision is
+    upcast), each ``E_i`` holding every rank's rows in rank order when distributed; ``s`` is the
+    scaler's scale (1 without a scaler). ``G_i`` keeps only this rank's rows of ``∂(s·L)/∂E_i``, in
+    ``E_i``'s dtype (zeros where ``L`` does not depend on ``E_i``). Returns ``(L, [G_1, …, G_k])``,
+    ``L`` detached and unscaled.
+    """
+    global_embeddings = []
+    for e in embeddings:
+        x = _upcast(e)
+        if world > 1:
+            x = torch.cat(_all_gather(x, world))
+        global_embeddings.append(x.requires_grad_())
+    loss = loss_fn(*global_embeddings, **(loss_kwargs or {}))
+    _check_loss(loss)
+    if not loss.requires_grad:
+        raise InputError("loss_fn's result does not depend on the embeddings it was given; nothing to back-propagate")
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    cache = []
+    for x, e in zip(global_embeddings, embeddings, strict=True):
+        grad = x.grad if x.grad is not None else torch.zeros_like(x)
+        if world > 1:
+            n = e.shape[0]
+            grad = grad[rank * n:(rank + 1) * n]
+        cache.append(grad.to(e.dtype))
+    return loss.detach(), cache
+
+
+def _backward_chunks(
+    batches: list[_ChunkedBatch], states: list[list[RandomState]], cache: list[Tensor],
+    rep_fn: RepFn | None, scaler: Any | None, autocast_dtype: torch.dtype | None,
+) -> None:
+    """Phase 3: accumulate ``∂(s·L)/∂θ = Σ_c (∂E_c/∂θ)ᵀ G_c`` into ``.grad``, one chunk at a time.
+
+    For each chunk ``c``: replay its random state (phase 1's dropout masks), forward again with
+    gradients and back-propagate ``E_c`` with ``G_c``, its rows of the cache (a vector-Jacobian
+    product), together with its auxiliary loss ``s·aux_c`` (whose gradient is its own). An encoder
+    with ``no_sync`` (DDP) skips the gradient reduction on all but its last chunk of the step.
+    """
+    last_use = {id(b.encoder): (i, len(b.chunks) - 1) for i, b in enumerate(batches)}
+    for i, (b, batch_states, batch_cache) in enumerate(zip(batches, states, cache, strict=True)):
+        chunk_grads = batch_cache.split(b.chunk_rows)
+        for j, (chunk, rows, state, grad) in enumerate(zip(b.chunks, b.chunk_rows, batch_states, chunk_grads,
+                                                           strict=True)):
+            sync = last_use[id(b.encoder)] == (i, j)
+            with contextlib.nullcontext() if sync else _no_sync(b.encoder):
+                with state.replay(), _autocast(autocast_dtype, b.encoder, chunk):
+                    out = _call(b.encoder, chunk)
+                rep, aux = _representation(out, rep_fn, rows, b.where(j))
+                outputs, output_grads = [rep], [grad]
+                if aux is not None:
+                    outputs.append(scaler.scale(aux) if scaler is not None else aux)
+                    output_grads.append(None)
+                torch.autograd.backward(outputs, output_grads)
+                del out, rep, aux, outputs, output_grads
+
+
 def gradcache_backward(
     models: Encoder | Sequence[Encoder],
     batches: Sequence[Any],
@@ -310,8 +432,6 @@ def gradcache_backward(
     scaler: Any | None = None,
     autocast_dtype: torch.dtype | None = None,
     distributed: bool | None = None,
-    ddp_average: bool = True,
-    _replay_rng: bool = True,
 ) -> Tensor:
     """Accumulate into ``.grad`` the exact gradient of ``loss_fn(*embeddings)`` over whole batches.
 
@@ -321,91 +441,20 @@ def gradcache_backward(
     ``loss_kwargs``, and must return a scalar. An encoder may return ``(embeddings, aux_loss)``: the
     scalar ``aux_loss`` of each chunk (e.g. a token cross-entropy already divided by the whole
     batch's token count) is back-propagated with that chunk and added to the returned loss.
+    ``distributed=None`` gathers over the default process group when one with several ranks is
+    initialised; each rank then gets its share of the gradient (the shares sum to the gradient).
 
     Returns the true loss (detached, unscaled). Does not zero gradients nor step the optimiser.
     """
-    batches = list(batches)
-    if not batches:
-        raise InputError("gradcache_backward needs at least one batch")
-    k = len(batches)
-    encoders = _as_list(models, k, "models")
-    sizes = _as_list(chunk_size, k, "chunk sizes")
-    names = [f"batches[{i}]" if k > 1 else "batch" for i in range(k)]
-    rows = [batch_rows(b, n) for b, n in zip(batches, names, strict=True)]
-    for c, n, name in zip(sizes, rows, names, strict=True):
-        _check_chunk_size(c, n, name)
+    chunked = _chunked_batches(models, batches, chunk_size)
     world, rank = _world(distributed)
     if world > 1:
-        _check_same_rows(rows, world)
-    chunks = [[_slice(b, s, min(s + c, n)) for s in range(0, n, c)]
-              for b, c, n in zip(batches, sizes, rows, strict=True)]
-
-    # 1. no-grad forward of every chunk, recording the random state before each one
-    reps: list[Tensor] = []
-    states: list[list[RandomState]] = []
-    aux_total = torch.zeros(())
-    with torch.no_grad():
-        for i, (model, parts) in enumerate(zip(encoders, chunks, strict=True)):
-            got, st = [], []
-            for j, chunk in enumerate(parts):
-                st.append(RandomState.capture(_cuda_devices(model, chunk)))
-                with _autocast(autocast_dtype, model, chunk):
-                    out = _call(model, chunk)
-                rep, aux = _representation(out, rep_fn, batch_rows(chunk), f"{names[i]} chunk {j}")
-                got.append(rep.detach().clone())  # clone: a view would keep the whole output alive
-                if aux is not None:
-                    aux_total = aux_total.to(aux.device) + aux.detach().float()
-                del out, rep, aux
-            reps.append(torch.cat(got))
-            states.append(st)
-
-    # 2. the loss over the whole (global) batch and its gradient with respect to the embeddings
-    leaves = []
-    for r in reps:
-        x = r.float() if r.dtype in (torch.float16, torch.bfloat16) else r
-        if world > 1:
-            x = torch.cat(_all_gather(x, world))
-        leaves.append(x.requires_grad_())
-    loss = loss_fn(*leaves, **(loss_kwargs or {}))
-    if not isinstance(loss, Tensor):
-        raise InputError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-    if loss.dim() != 0:
-        raise InputError(
-            f"loss_fn must return a scalar (0-dim) tensor, got shape {tuple(loss.shape)}; reduce it, e.g. with .mean()"
-        )
-    if not loss.requires_grad:
-        raise InputError("loss_fn's result does not depend on the embeddings it was given; nothing to back-propagate")
-    (scaler.scale(loss) if scaler is not None else loss).backward()
-    cache = []
-    for leaf, r, n in zip(leaves, reps, rows, strict=True):
-        g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-        if world > 1:
-            g = g[rank * n:(rank + 1) * n]
-            if ddp_average:
-                g = g * world
-        cache.append(g.to(r.dtype))
-    del leaves, reps
-
-    # 3. per chunk: replay the random state, forward with gradients, back-propagate the cached slice
-    last_use = {id(m): (i, len(chunks[i]) - 1) for i, m in enumerate(encoders)}
-    for i, (model, parts) in enumerate(zip(encoders, chunks, strict=True)):
-        start = 0
-        for j, chunk in enumerate(parts):
-            n = batch_rows(chunk)
-            sync = last_use[id(model)] == (i, j)
-            with contextlib.nullcontext() if sync else _no_sync(model):
-                with states[i][j].replay() if _replay_rng else contextlib.nullcontext():
-                    with _autocast(autocast_dtype, model, chunk):
-                        out = _call(model, chunk)
-                rep, aux = _representation(out, rep_fn, n, f"{names[i]} chunk {j}")
-                tensors, grads = [rep], [cache[i][start:start + n]]
-                if aux is not None:
-                    tensors.append(scaler.scale(aux) if scaler is not None else aux)
-                    grads.append(None)
-                torch.autograd.backward(tensors, grads)
-                del out, rep, aux, tensors, grads
-            start += n
-    return loss.detach() + aux_total.to(loss.device)
+        _check_same_rows([b.rows for b in chunked], world)
+    embeddings, states, aux_total = _encode_without_grad(chunked, rep_fn, autocast_dtype)
+    loss, cache = _embedding_gradients(embeddings, loss_fn, loss_kwargs, scaler, world, rank)
+    del embeddings  # only the cache is needed from here on
+    _backward_chunks(chunked, states, cache, rep_fn, scaler, autocast_dtype)
+    return loss + aux_total.to(loss.device)
 
 
 class GradCache:
@@ -428,7 +477,6 @@ class GradCache:
         scaler: Any | None = None,
         autocast_dtype: torch.dtype | None = None,
         distributed: bool | None = None,
-        ddp_average: bool = True,
     ) -> None:
         sizes = chunk_size if isinstance(chunk_size, (list, tuple)) else [chunk_size]
         for c in sizes:
@@ -441,14 +489,13 @@ class GradCache:
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
         self.distributed = distributed
-        self.ddp_average = ddp_average
 
     def step(self, *batches: Any, **loss_kwargs: Any) -> Tensor:
         """Accumulate the exact gradient of the whole-batch loss; returns the loss (detached)."""
         return gradcache_backward(
             self.models, batches, self.loss_fn, self.chunk_size, loss_kwargs=loss_kwargs,
             rep_fn=self.rep_fn, scaler=self.scaler, autocast_dtype=self.autocast_dtype,
-            distributed=self.distributed, ddp_average=self.ddp_average,
+            distributed=self.distributed,
         )
 
     __call__ = step
@@ -484,7 +531,6 @@ def contrastive_backward(
     scaler: Any | None = None,
     autocast_dtype: torch.dtype | None = None,
     distributed: bool | None = None,
-    ddp_average: bool = True,
 ) -> Tensor:
     """One backward of ``loss_fn(encode_fn(batch))`` for the training pipelines.
 
@@ -492,27 +538,24 @@ def contrastive_backward(
     chunks of that many rows (same gradients, memory of one chunk). ``encode_fn(batch)`` returns the
     embeddings, or ``(embeddings, aux_loss)`` where ``aux_loss`` is additive over chunks (e.g. the
     generation loss of stage 1, normalised by the whole batch). ``module`` is the (DDP-wrapped)
-    model, used for ``no_sync``. Returns the total loss, detached.
+    model, used for ``no_sync``. Distributed, both ways give each rank its share of the global
+    batch's gradient (the shares sum to it). Returns the total loss, detached.
     """
     if chunk_size is not None:
         return gradcache_backward(
             _Encode(encode_fn, module), [Args(batch)], loss_fn, chunk_size, loss_kwargs=loss_kwargs,
-            scaler=scaler, autocast_dtype=autocast_dtype, distributed=distributed, ddp_average=ddp_average,
+            scaler=scaler, autocast_dtype=autocast_dtype, distributed=distributed,
         )
     rows = batch_rows(batch)
     world, _ = _world(distributed)
     with _autocast(autocast_dtype, _Encode(encode_fn, module), batch):
         out = encode_fn(batch)
     rep, aux = _representation(out, None, rows, "batch")
-    emb = rep.float() if rep.dtype in (torch.float16, torch.bfloat16) else rep
+    emb = _upcast(rep)
     if world > 1:
         emb = all_gather_with_grad(emb, True)
     loss = loss_fn(emb, **(loss_kwargs or {}))
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise InputError(f"loss_fn must return a scalar (0-dim) tensor, got {shape}")
-    total = loss * world if (world > 1 and ddp_average) else loss
-    if aux is not None:
-        total = total + aux
+    _check_loss(loss)
+    total = loss + aux if aux is not None else loss
     (scaler.scale(total) if scaler is not None else total).backward()
-    return (loss + aux).detach() if aux is not None else loss.detach()
+    return total.detach()

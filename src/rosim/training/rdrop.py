@@ -37,13 +37,13 @@ contribute nothing to the KL; a class masked in one pass only gives an infinite 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from rosim.errors import InputError
 
@@ -261,37 +261,28 @@ class RDropLoss(nn.Module):
 # --------------------------------------------------------------------------------------------
 # two passes in one batch
 # --------------------------------------------------------------------------------------------
-def _map(fn, obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, Mapping):
-        return type(obj)({k: _map(fn, v) for k, v in obj.items()})
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.replace(obj, **{f.name: _map(fn, getattr(obj, f.name)) for f in dataclasses.fields(obj)
-                                           if f.init})
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map(fn, v) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map(fn, v) for v in obj)
-    return obj
+def _map_rows(fn: Callable[[Tensor], Tensor], tree: Any, what: str) -> Any:
+    """``fn`` applied to every tensor with a row dimension in the pytree ``tree`` (other leaves kept)."""
+    if not any(isinstance(leaf, Tensor) and leaf.dim() > 0 for leaf in tree_leaves(tree)):
+        raise InputError(f"{what} holds no tensor with a row dimension (dict, list, tuple and namedtuple are walked; "
+                         f"register other containers with torch.utils._pytree, e.g. register_dataclass)")
+    return tree_map_only(Tensor, lambda x: fn(x) if x.dim() > 0 else x, tree)
 
 
 def duplicate_batch(batch: Any, mode: DupMode = "concat") -> Any:
     """Every row twice, for two dropout passes in one forward.
 
-    ``batch`` is a tensor (rows on dim 0) or a dict / list / tuple / dataclass of them (other values
-    are kept as they are). ``mode="concat"`` gives ``[x; x]`` (the paper); ``"interleave"`` puts the
+    ``batch`` is a tensor (rows on dim 0) or a pytree of them: dict / list / tuple / namedtuple, or a
+    container registered with :mod:`torch.utils._pytree` (other leaves and 0-dim tensors are kept). ``mode="concat"`` gives ``[x; x]`` (the paper); ``"interleave"`` puts the
     copies of row ``i`` at rows ``2i`` and ``2i+1`` (Su's data generator). Undo with :func:`split_outputs`.
     """
     if mode not in ("concat", "interleave"):
         raise InputError(f"mode must be 'concat' or 'interleave', got {mode!r}")
 
     def dup(x: Tensor) -> Tensor:
-        if x.dim() == 0:
-            return x
         return torch.cat([x, x]) if mode == "concat" else x.repeat_interleave(2, dim=0)
 
-    return _map(dup, batch)
+    return _map_rows(dup, batch, "batch")
 
 
 def split_outputs(outputs: Any, mode: DupMode = "concat") -> tuple[Any, Any]:
@@ -299,17 +290,15 @@ def split_outputs(outputs: Any, mode: DupMode = "concat") -> tuple[Any, Any]:
     if mode not in ("concat", "interleave"):
         raise InputError(f"mode must be 'concat' or 'interleave', got {mode!r}")
 
-    def half(k: int):
-        def f(x: Tensor) -> Tensor:
-            if x.dim() == 0:
-                return x
+    def half(k: int) -> Callable[[Tensor], Tensor]:
+        def rows_of_pass(x: Tensor) -> Tensor:
             if x.shape[0] % 2:
                 raise InputError(f"outputs of a duplicated batch have an even number of rows, got {x.shape[0]}")
             n = x.shape[0] // 2
             return (x[:n] if k == 0 else x[n:]) if mode == "concat" else x[k::2]
-        return f
+        return rows_of_pass
 
-    return _map(half(0), outputs), _map(half(1), outputs)
+    return _map_rows(half(0), outputs, "outputs"), _map_rows(half(1), outputs, "outputs")
 
 
 # --------------------------------------------------------------------------------------------

@@ -136,7 +136,7 @@ class _PairedObjective(Objective):
         loss_fn, loss_kwargs = self.coupled_loss(batch)
         total = contrastive_backward(
             encode, tensors, loss_fn, ctx.chunk_size if chunked else None, module=model,
-            loss_kwargs=loss_kwargs, autocast_dtype=ctx.autocast_dtype, distributed=ctx.world > 1, ddp_average=False,
+            loss_kwargs=loss_kwargs, autocast_dtype=ctx.autocast_dtype, distributed=ctx.world > 1,
         )
         gen_local = sum(gen_seen)
         coupled = float(total) - gen_local  # the coupled loss is the same on every process
