@@ -302,21 +302,21 @@ class SimModel:
         active = torch.arange(total, device=device)
         logp_sum = torch.zeros(total, dtype=torch.float64, device=device)
         for step in range(max_new):
-            lse = torch.logsumexp(logits.float(), dim=-1) if with_fluency else None  # before banning
-            nxt = sampler(logits)
-            tokens[active, step] = nxt
+            log_normalizer = torch.logsumexp(logits.float(), dim=-1) if with_fluency else None  # before banning
+            sampled = sampler(logits)
+            tokens[active, step] = sampled
             if with_fluency:
-                logp_sum[active] += (logits.float().gather(1, nxt[:, None]).squeeze(1) - lse).double()
-            keep = nxt != tok.sep_id
+                logp_sum[active] += (logits.float().gather(1, sampled[:, None]).squeeze(1) - log_normalizer).double()
+            keep = sampled != tok.sep_id
             n_keep = int(keep.sum())  # the one host sync per step: is anyone still decoding?
             if n_keep == 0 or step == max_new - 1:
                 break
             if n_keep < len(active):  # drop finished rows from the batch and the cache
-                idx = keep.nonzero().squeeze(-1)
-                active, nxt, key_mask = active[idx], nxt[idx], key_mask[idx]
-                cache.select(idx)
+                still = keep.nonzero().squeeze(-1)
+                active, sampled, key_mask = active[still], sampled[still], key_mask[still]
+                cache.select(still)
             pos = (src_len[active] + step).unsqueeze(1)
-            logits, cache = model.decode_step(nxt.unsqueeze(1), position_ids=pos, cache=cache,
+            logits, cache = model.decode_step(sampled.unsqueeze(1), position_ids=pos, cache=cache,
                                               token_type_ids=segment[:len(active)],
                                               attention_mask=key_mask[:, :width + step + 1])
         out, ended = tokens_until_end(tokens, tok.sep_id)
@@ -337,9 +337,9 @@ class SimModel:
             lengths = batch.attention_mask.sum(1) - 1
             res = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, mask="unilm")
             logits = model.lm_logits(res.last_hidden_state[torch.arange(len(active), device=device), lengths])
-            nxt = sampler(logits).tolist()
+            sampled = sampler(logits).tolist()
             still = []
-            for r, token in zip(active, nxt, strict=True):
+            for r, token in zip(active, sampled, strict=True):
                 if token != tok.sep_id:
                     out[r].append(token)
                     still.append(r)
