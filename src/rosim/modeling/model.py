@@ -490,6 +490,8 @@ class RoFormerSim(nn.Module):
         ``layer_input`` is :meth:`forward`'s per-layer hook. Ids are not range-checked: the decoder
         made them. Returns the next-token logits after the last new position and the cache.
         """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must be (batch, new positions), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         if token_type_ids is None:
             token_type_ids = torch.ones_like(input_ids)
