@@ -197,8 +197,7 @@ def reconstruct(
     device: DeviceOpt = "cpu",
 ) -> None:
     """Encode sentences to their latent means and decode them back: INPUT<TAB>RECONSTRUCTION per line."""
-    from rosim.univae.evaluate import latent_usage, reconstruction_scores
-    from rosim.univae.model import normalized_text
+    from rosim.univae.evaluate import latent_usage, normalized_text, reconstruction_scores
 
     items = _texts(texts, file)
     kwargs = _decode_kwargs(beam_size, sample_tokens, top_p, top_k, temperature, max_length)

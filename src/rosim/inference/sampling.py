@@ -110,8 +110,9 @@ def sample_top_p(logits: torch.Tensor, top_p: float, *, temperature: float = 1.0
     out = torch.empty(n, dtype=torch.long, device=logp.device)
     rows = torch.arange(n, device=logp.device)  # rows still looking for their nucleus
     full_sort = []  # rows that take the full sort
-    widths = [k for k in candidates if k < vocab] if top_p < 1.0 else []
-    for k, next_k in zip(widths, widths[1:] + [vocab], strict=True):
+    widths = [k for k in candidates if k < vocab] if top_p < 1.0 else []  # none: every row takes the full sort
+    next_widths = [*widths[1:], vocab] if widths else []
+    for k, next_k in zip(widths, next_widths, strict=True):
         whole = len(rows) == n  # no copy of the logits while every row is still here
         ids, ok, hopeless = _draw_within_top(logp if whole else logp[rows], u if whole else u[rows],
                                              top_p, k, next_k - k)

@@ -16,7 +16,8 @@ from rosim.inference import common
 from rosim.inference.common import POOLINGS, Pooling, check_not_blank
 from rosim.inference.common import check_texts as _check_texts
 from rosim.inference.common import progress as _progress
-from rosim.inference.sampling import check_sampling_args, filter_logits, sample, sample_top_p
+from rosim.inference.decoding import TokenSampler, banned_token_ids, seeded_generator, tokens_until_end
+from rosim.inference.sampling import check_sampling_args
 from rosim.modeling.model import KVCache, RoFormerSim
 from rosim.tokenization.tokenizer import CharTokenizer
 
@@ -232,8 +233,7 @@ class SimModel:
         if strategy not in ("cache", "recompute"):
             raise InputError(f"strategy must be 'cache' or 'recompute', got {strategy!r}")
         seed = limits.check_seed(int(seed) if isinstance(seed, np.integer) else seed)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        generator = seeded_generator(seed, self.device)
         return {"n": check_count("n", n, limits.MAX_N), "top_p": top_p, "top_k": top_k, "temperature": temperature,
                 "max_new": check_count("max_new_tokens", max_new_tokens, limits.MAX_GEN_LENGTH),
                 "strategy": strategy, "max_rows": check_count("max_rows", max_rows, 1 << 20),
@@ -278,26 +278,17 @@ class SimModel:
         (no [SEP] sampled) get NaN: their score includes a [SEP] that was never decoded.
         """
         model, tok, device = self.model, self.tokenizer, self.device
-        top_p, top_k, temperature = settings["top_p"], settings["top_k"], settings["temperature"]
-        generator, max_new = settings["generator"], settings["max_new"]
+        max_new = settings["max_new"]
         if model.config.position == "absolute":
             max_new = min(max_new, model.config.max_position - max(len(s) for s in src))
-        banned = torch.tensor([tok.pad_id, tok.cls_id, tok.mask_id, tok.unk_id], device=device)
-        src_len = torch.tensor([len(s) for s in src], device=device).repeat_interleave(n)
-        total = len(src) * n
-        out: list[list[int]] = [[] for _ in range(total)]
-
-        def next_tokens(logits):
-            logits = logits.float()
-            logits[:, banned] = float("-inf")
-            if top_p is not None and top_k is None:  # the common case: no full-vocabulary sort
-                return sample_top_p(logits, top_p, temperature=temperature, generator=generator)
-            return sample(filter_logits(logits, top_p=top_p, top_k=top_k, temperature=temperature), generator)
-
+        sampler = TokenSampler(top_p=settings["top_p"], top_k=settings["top_k"], temperature=settings["temperature"],
+                               generator=settings["generator"], banned=banned_token_ids(tok, device))
         if settings["strategy"] == "recompute":
-            rows = self._generate_recompute(src, n, max_new, next_tokens, out)
+            rows = self._generate_recompute(src, n, max_new, sampler)
             return (rows, np.full(len(rows), np.nan)) if with_fluency else rows
 
+        src_len = torch.tensor([len(s) for s in src], device=device).repeat_interleave(n)
+        total = len(src) * n
         enc = tok.pad([(s, [0] * len(s)) for s in src]).to(device)
         res = model(enc.input_ids, enc.token_type_ids, enc.attention_mask, use_cache=True)
         last = res.last_hidden_state[torch.arange(len(src), device=device), enc.attention_mask.sum(1) - 1]
@@ -311,48 +302,44 @@ class SimModel:
         active = torch.arange(total, device=device)
         logp_sum = torch.zeros(total, dtype=torch.float64, device=device)
         for step in range(max_new):
-            lse = torch.logsumexp(logits.float(), dim=-1) if with_fluency else None  # before banning
-            nxt = next_tokens(logits)
-            tokens[active, step] = nxt
+            log_normalizer = torch.logsumexp(logits.float(), dim=-1) if with_fluency else None  # before banning
+            sampled = sampler(logits)
+            tokens[active, step] = sampled
             if with_fluency:
-                logp_sum[active] += (logits.float().gather(1, nxt[:, None]).squeeze(1) - lse).double()
-            keep = nxt != tok.sep_id
+                logp_sum[active] += (logits.float().gather(1, sampled[:, None]).squeeze(1) - log_normalizer).double()
+            keep = sampled != tok.sep_id
             n_keep = int(keep.sum())  # the one host sync per step: is anyone still decoding?
             if n_keep == 0 or step == max_new - 1:
                 break
             if n_keep < len(active):  # drop finished rows from the batch and the cache
-                idx = keep.nonzero().squeeze(-1)
-                active, nxt, key_mask = active[idx], nxt[idx], key_mask[idx]
-                cache.select(idx)
+                still = keep.nonzero().squeeze(-1)
+                active, sampled, key_mask = active[still], sampled[still], key_mask[still]
+                cache.select(still)
             pos = (src_len[active] + step).unsqueeze(1)
-            res = model(nxt.unsqueeze(1), segment[:len(active)], key_mask[:, :width + step + 1],
-                        position_ids=pos, past_key_values=cache, use_cache=True, validate=False)
-            logits = model.lm_logits(res.last_hidden_state[:, -1])
-        ended = torch.zeros(total, dtype=torch.bool, device=device)
-        for row, ids in enumerate(tokens.tolist()):
-            for t in ids:
-                if t == tok.sep_id or t < 0:
-                    ended[row] = t == tok.sep_id
-                    break
-                out[row].append(t)
+            logits, cache = model.decode_step(sampled.unsqueeze(1), position_ids=pos, cache=cache,
+                                              token_type_ids=segment[:len(active)],
+                                              attention_mask=key_mask[:, :width + step + 1])
+        out, ended = tokens_until_end(tokens, tok.sep_id)
         if not with_fluency:
             return out
         lengths = torch.tensor([len(r) + 1 for r in out], dtype=torch.float64, device=device)
+        ended = torch.tensor(ended, device=device)
         return out, torch.where(ended, logp_sum / lengths, torch.nan).cpu().numpy()
 
-    def _generate_recompute(self, src, n, max_new, next_tokens, out):
+    def _generate_recompute(self, src, n, max_new, sampler: TokenSampler) -> list[list[int]]:
         """Reference decoder: the whole [CLS] src [SEP] tgt sequence with the UniLM mask at every step."""
         model, tok, device = self.model, self.tokenizer, self.device
         rows = [s for s in src for _ in range(n)]
+        out: list[list[int]] = [[] for _ in rows]
         active = list(range(len(rows)))
         for step in range(max_new):
             batch = tok.pad([(rows[r] + out[r], [0] * len(rows[r]) + [1] * len(out[r])) for r in active]).to(device)
             lengths = batch.attention_mask.sum(1) - 1
             res = model(batch.input_ids, batch.token_type_ids, batch.attention_mask, mask="unilm")
             logits = model.lm_logits(res.last_hidden_state[torch.arange(len(active), device=device), lengths])
-            nxt = next_tokens(logits).tolist()
+            sampled = sampler(logits).tolist()
             still = []
-            for r, token in zip(active, nxt, strict=True):
+            for r, token in zip(active, sampled, strict=True):
                 if token != tok.sep_id:
                     out[r].append(token)
                     still.append(r)

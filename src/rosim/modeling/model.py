@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -154,12 +155,14 @@ def build_attention_bias(
     extra_bias: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     past_length: int = 0,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
     """Combine key padding, the structural mask and a caller's additive bias into one additive bias.
 
     ``attention_mask`` is ``(B, S)`` with 1 for real tokens and 0 for padding (S may exceed L when a
     cache holds earlier keys; the structural mask then applies to the last L keys only, which is
-    what incremental decoding needs; without ``attention_mask``, S = ``past_length`` + L).
+    what incremental decoding needs; without ``attention_mask``, S = ``past_length`` + L and the
+    causal mask is made on ``device``).
     Returns ``(B, 1|h, L, S)`` or None when nothing is masked.
     """
     allowed = None
@@ -171,7 +174,7 @@ def build_attention_bias(
                 raise InputError("the UniLM mask needs token_type_ids (segment ids)")
             structural = unilm_allowed(token_type_ids)
         elif mask == "causal":
-            structural = causal_allowed(query_length, None if attention_mask is None else attention_mask.device)
+            structural = causal_allowed(query_length, device if attention_mask is None else attention_mask.device)
         else:
             raise InputError(f"mask must be 'bidirectional', 'unilm' or 'causal', got {mask!r}")
         key_length = attention_mask.shape[-1] if attention_mask is not None else past_length + structural.shape[-1]
@@ -281,7 +284,7 @@ class KVCache:
                 buffers[i] = buf[:n]
 
 
-class _LayerCache:
+class _KVCacheLayer:
     """One layer's view of a :class:`KVCache` (what ``Attention`` sees as ``past``)."""
 
     def __init__(self, cache: KVCache, layer: int):
@@ -310,7 +313,7 @@ class Attention(nn.Module):
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        if isinstance(past, _LayerCache):
+        if isinstance(past, _KVCacheLayer):
             k, v = past.extend(k, v)
         elif past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
@@ -356,12 +359,23 @@ class LMHead(nn.Module):
         return F.linear(self.layer_norm(self.act(self.dense(hidden))), embedding_weight, self.bias)
 
 
+LayerInput = Callable[[int, torch.Tensor], torch.Tensor]
+"""A hook ``layer_input(i, x)``: what layer ``i`` takes instead of ``x`` ``(B, L, H)``."""
+
+
 @dataclass
 class ModelOutput:
     last_hidden_state: torch.Tensor
     pooled: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None  # embeddings output, then every layer
-    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    past_key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | KVCache | None = None
+
+
+class DecodeStep(NamedTuple):
+    """What :meth:`RoFormerSim.decode_step` returns."""
+
+    logits: torch.Tensor  # (B, vocab) next-token logits after the last new position
+    cache: KVCache | tuple[tuple[torch.Tensor, torch.Tensor], ...]  # the cache, new positions included
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,6 +433,7 @@ class RoFormerSim(nn.Module):
         use_cache: bool = False,
         output_hidden_states: bool = False,
         validate: bool = True,
+        layer_input: LayerInput | None = None,
     ) -> ModelOutput:
         """Run the encoder.
 
@@ -432,21 +447,81 @@ class RoFormerSim(nn.Module):
             per layer, it replaces the structural mask of ``mask`` for that layer (padding still applies).
         position_ids : ``(B|1, L)``; default ``past_length + arange(L)``.
         past_key_values, use_cache : incremental decoding; keys are cached already rotated. A
-            :class:`KVCache` is extended in place and returned as ``past_key_values``.
+            :class:`KVCache` is extended in place and returned as ``past_key_values``
+            (:meth:`decode_step` is the decoder's entry point).
         validate : check id ranges (a host sync per call); decoders that made the ids pass False.
+        layer_input : ``layer_input(i, x)`` returns what layer ``i`` takes instead of ``x`` (the
+            output of layer ``i - 1``); UniVAE writes its latents into position 0 this way.
         """
+        past_length = self._past_length(past_key_values)
+        token_type_ids, position_ids = self._checked_ids(input_ids, token_type_ids, attention_mask, position_ids,
+                                                         past_length, validate)
+        biases = self._attention_biases(attention_mask, attention_bias, mask, token_type_ids, past_length)
+        hidden_states = [] if output_hidden_states else None
+        x, presents = self._run_layers(input_ids, token_type_ids, position_ids, biases, past_key_values,
+                                       layer_input=layer_input, hidden_states=hidden_states, keep_kv=use_cache)
+        pooled = self._sentence_vector(x, token_type_ids, attention_mask) if past_length == 0 else None
+        if isinstance(past_key_values, KVCache):
+            cache = past_key_values
+        else:
+            cache = presents if use_cache else None
+        return ModelOutput(last_hidden_state=x, pooled=pooled, past_key_values=cache,
+                           hidden_states=None if hidden_states is None else tuple(hidden_states))
+
+    def decode_step(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        position_ids: torch.Tensor,
+        cache: KVCache | Sequence[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        layer_input: LayerInput | None = None,
+    ) -> DecodeStep:
+        """Run new positions against the key/value cache: one step of incremental decoding.
+
+        ``input_ids`` ``(B, L)`` are the new tokens (usually L = 1) at ``position_ids`` ``(B|1, L)``;
+        their segment ids default to 1 (the target segment of UniLM). Every new position sees every
+        cached key and the new positions up to itself. ``cache`` is None (nothing before), a
+        :class:`KVCache` (extended in place and returned), or one ``(k, v)`` pair per layer, where
+        None means that layer has no earlier keys (a new tuple of pairs is returned; layers may
+        hold different lengths, as UniVAE's do, when no ``attention_mask`` is given).
+        ``attention_mask`` ``(B, S)`` marks the real keys among the S = cached + L (padded sources).
+        ``layer_input`` is :meth:`forward`'s per-layer hook. Ids are not range-checked: the decoder
+        made them. Returns the next-token logits after the last new position and the cache.
+        """
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise InputError(f"input_ids must be (batch, new positions), got shape {tuple(input_ids.shape)}")
+        batch, length = input_ids.shape
+        if token_type_ids is None:
+            token_type_ids = torch.ones_like(input_ids)
+        if cache is not None and len(cache) != len(self.layers):
+            raise InputError(f"the cache has {len(cache)} layers, the model {len(self.layers)}")
+        if isinstance(cache, KVCache):
+            past = [cache.length] * len(self.layers)
+        else:
+            past = [0 if kv is None else kv[0].shape[2] for kv in (cache or [None] * len(self.layers))]
+        biases = self._decoding_biases(attention_mask, batch, length, past, input_ids.device)
+        x, presents = self._run_layers(input_ids, token_type_ids, position_ids, biases, cache,
+                                       layer_input=layer_input, keep_kv=True)
+        return DecodeStep(self.lm_logits(x[:, -1]), cache if isinstance(cache, KVCache) else presents)
+
+    # ---------------------------------------------------------------- the pieces of a pass
+    def _past_length(self, past_key_values) -> int:
+        if past_key_values is None:
+            return 0
+        if len(past_key_values) != len(self.layers):
+            raise InputError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
+        return past_key_values.length if isinstance(past_key_values, KVCache) else past_key_values[0][0].shape[2]
+
+    def _checked_ids(self, input_ids, token_type_ids, attention_mask, position_ids, past_length: int, validate: bool):
+        """``(token_type_ids, position_ids)`` with their defaults, after checking every shape (and,
+        with ``validate``, every id range) of :meth:`forward`'s inputs."""
         if input_ids.dim() != 2:
             raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         batch, length = input_ids.shape
         if length == 0:
             raise InputError("input_ids has length 0: nothing to encode")
-        cache = past_key_values if isinstance(past_key_values, KVCache) else None
-        if cache is not None:
-            past_length = cache.length
-        else:
-            past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
-        if past_key_values is not None and len(past_key_values) != len(self.layers):
-            raise InputError(f"past_key_values has {len(past_key_values)} layers, the model {len(self.layers)}")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         elif token_type_ids.shape != input_ids.shape:
@@ -471,55 +546,87 @@ class RoFormerSim(nn.Module):
             raise InputError(
                 f"position {int(position_ids.max())} exceeds max_position {self.config.max_position}; truncate the input"
             )
-        dtype = self.embeddings.word_embeddings.weight.dtype
-        per_layer = isinstance(attention_bias, (list, tuple))
-        if per_layer and len(attention_bias) != len(self.layers):
-            raise InputError(f"attention_bias has {len(attention_bias)} entries for {len(self.layers)} layers")
-        shared_bias = None
-        if not per_layer:
-            shared_bias = build_attention_bias(
-                attention_mask, query_length=length, mask=mask, token_type_ids=token_type_ids,
-                extra_bias=attention_bias, dtype=dtype, past_length=past_length,
-            )
+        return token_type_ids, position_ids
 
-        x = self.embeddings(input_ids, token_type_ids, position_ids.expand(batch, -1))
+    def _attention_biases(self, attention_mask, attention_bias, mask, token_type_ids, past_length: int) -> list:
+        """One additive bias (or None) per layer for :meth:`forward`: padding and the structural
+        mask with the caller's bias, or padding with each layer's own bias. A bias object given to
+        several layers is combined with the padding once."""
+        dtype, length = self.embeddings.word_embeddings.weight.dtype, token_type_ids.shape[1]
+        if not isinstance(attention_bias, (list, tuple)):
+            shared = build_attention_bias(attention_mask, query_length=length, mask=mask, token_type_ids=token_type_ids,
+                                          extra_bias=attention_bias, dtype=dtype, past_length=past_length,
+                                          device=token_type_ids.device)
+            return [shared] * len(self.layers)
+        if len(attention_bias) != len(self.layers):
+            raise InputError(f"attention_bias has {len(attention_bias)} entries for {len(self.layers)} layers")
+        combined: dict[int, torch.Tensor | None] = {}
+        for extra in attention_bias:
+            if id(extra) not in combined:
+                combined[id(extra)] = build_attention_bias(attention_mask, query_length=length, extra_bias=extra,
+                                                           dtype=dtype)
+        return [combined[id(extra)] for extra in attention_bias]
+
+    def _decoding_biases(self, attention_mask, batch: int, length: int, past: list[int], device) -> list:
+        """One bias per layer for :meth:`decode_step`: padding of ``attention_mask``, and a causal
+        mask among the new positions (cached keys are all visible); None when nothing is masked."""
+        dtype = self.embeddings.word_embeddings.weight.dtype
+        mask = "causal" if length > 1 else "bidirectional"
+        if attention_mask is None:
+            by_past = {p: build_attention_bias(None, query_length=length, mask=mask, dtype=dtype, past_length=p,
+                                               device=device) for p in set(past)}
+            return [by_past[p] for p in past]
+        if len(set(past)) > 1:
+            raise InputError("an attention_mask needs every layer's cache to hold the same number of positions")
+        if tuple(attention_mask.shape) != (batch, past[0] + length):
+            raise InputError(f"attention_mask must be (batch, cached + new) = {(batch, past[0] + length)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        bias = build_attention_bias(attention_mask, query_length=length, mask=mask, dtype=dtype, past_length=past[0])
+        return [bias] * len(self.layers)
+
+    def _run_layers(self, input_ids, token_type_ids, position_ids, biases: list, cache, *,
+                    layer_input: LayerInput | None = None, hidden_states: list | None = None, keep_kv: bool = False):
+        """Embed, then every layer (with ``layer_input`` before each, and ``biases[i]``) against
+        ``cache`` (None, a :class:`KVCache`, or per-layer pairs or None). Returns the last layer's
+        states and, with ``keep_kv``, each layer's ``(k, v)`` (cached and new keys; a
+        :class:`KVCache` is extended in place instead). ``hidden_states`` collects the embeddings
+        output and every layer's output."""
+        x = self.embeddings(input_ids, token_type_ids, position_ids.expand(input_ids.shape[0], -1))
         rope = None
         if self.config.position == "rotary":
             rope = rotary_cos_sin(position_ids, self.config.head_size, self.config.rotary_base)
-        hidden_states = [x] if output_hidden_states else None
-        presents = [] if use_cache else None
+        if hidden_states is not None:
+            hidden_states.append(x)
+        kv_cache = cache if isinstance(cache, KVCache) else None
+        presents = []
         for i, layer in enumerate(self.layers):
-            bias = shared_bias
-            if per_layer:
-                bias = build_attention_bias(
-                    attention_mask, query_length=length, extra_bias=attention_bias[i], dtype=dtype
-                )
-            past = None if past_key_values is None else (
-                _LayerCache(cache, i) if cache is not None else past_key_values[i])
-            x, kv = layer(x, bias, rope, past)
-            if use_cache and cache is None:
+            if layer_input is not None:
+                x = layer_input(i, x)
+            if kv_cache is not None:
+                past = _KVCacheLayer(kv_cache, i)
+            else:
+                past = None if cache is None else cache[i]
+            x, kv = layer(x, biases[i], rope, past)
+            if keep_kv and kv_cache is None:
                 presents.append(kv)
-            if output_hidden_states:
+            if hidden_states is not None:
                 hidden_states.append(x)
-        if cache is not None:
-            cache.length += length
-        pooled = None
-        if past_length == 0 and self.config.sentence_pooling == "mean":
+        if kv_cache is not None:
+            kv_cache.length += input_ids.shape[1]
+        return x, tuple(presents)
+
+    def _sentence_vector(self, x, token_type_ids, attention_mask) -> torch.Tensor | None:
+        """``pooled``: the mean over segment 0 (``sentence_pooling == "mean"``) or the pooler on [CLS]."""
+        if self.config.sentence_pooling == "mean":
             keep = token_type_ids == 0
             if attention_mask is not None:
                 keep = keep & attention_mask.bool()
             keep = keep.unsqueeze(-1).to(x.dtype)
-            pooled = (x * keep).sum(1) / keep.sum(1).clamp(min=1)
-        elif self.pooler is not None and past_length == 0:
-            pooled = self.pooler(x[:, 0])
-            if self.config.pooler_activation == "tanh":
-                pooled = torch.tanh(pooled)
-        return ModelOutput(
-            last_hidden_state=x,
-            pooled=pooled,
-            hidden_states=None if hidden_states is None else tuple(hidden_states),
-            past_key_values=cache if cache is not None else (None if presents is None else tuple(presents)),
-        )
+            return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+        if self.pooler is None:
+            return None
+        pooled = self.pooler(x[:, 0])
+        return torch.tanh(pooled) if self.config.pooler_activation == "tanh" else pooled
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(..., vocab)`` from hidden states ``(..., H)``."""

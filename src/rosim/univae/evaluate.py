@@ -1,10 +1,23 @@
-"""Reconstruction metrics: character accuracy (1 - character error rate) and exact match."""
+"""Reconstruction metrics: character accuracy (1 - character error rate) and exact match against
+the normalised text (what a perfect reconstruction gives), and how much the decoder reads the latents."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rosim.errors import InputError
+
+if TYPE_CHECKING:
+    from rosim.tokenization.tokenizer import CharTokenizer
+
+
+def normalized_text(tokenizer: CharTokenizer, text: str, maxlen: int | None = None) -> str:
+    """What a perfect reconstruction of ``text`` looks like: tokenised (and truncated), then decoded."""
+    ids = tokenizer.encode_ids(text)
+    if maxlen is not None:
+        ids = ids[: maxlen - 2]
+    return tokenizer.decode(ids)
 
 
 def edit_distance(a: str, b: str) -> int:
@@ -42,8 +55,6 @@ def reconstruction_scores(predictions: Sequence[str], references: Sequence[str])
 def evaluate_reconstruction(vae, texts: Sequence[str], **decode_kwargs) -> tuple[dict[str, float], list[tuple[str, str]]]:
     """Reconstruct ``texts`` with ``vae`` and score against their normalised form (tokenised, truncated
     to ``maxlen - 2`` tokens, decoded). Returns the scores and the (reference, reconstruction) pairs."""
-    from rosim.univae.model import normalized_text
-
     refs = [normalized_text(vae.tokenizer, t, vae.config.maxlen) for t in texts]
     preds = vae.reconstruct(list(texts), **decode_kwargs)
     return reconstruction_scores(preds, refs), list(zip(refs, preds, strict=True))

@@ -29,7 +29,8 @@ from pydantic import Field
 from rosim.errors import InputError
 from rosim.training.config import KeywordConfig, ModelSection, Schedule
 from rosim.training.loop import LoopSettings, Step, TrainingLoop, make_optimizer, resolve_device
-from rosim.univae.model import UniVAE, UniVAEConfig
+from rosim.univae.config import UniVAEConfig
+from rosim.univae.model import UniVAE
 
 log = logging.getLogger(__name__)
 
