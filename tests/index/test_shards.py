@@ -175,3 +175,15 @@ def default_nlist_for(n):
     from rosim.index import default_nlist
 
     return default_nlist(n)
+
+
+def test_damaged_shard_texts_are_reported(sim, corpus, tmp_path):
+    shards = tmp_path / "shards"
+    encode_shards(sim, corpus, shards, shard_size=10)
+    shard = list_shards(shards)[1]
+    assert shard.texts() == CORPUS[10:20]
+    texts = shard.path / "texts.jsonl"
+    raw = texts.read_bytes()
+    texts.write_bytes(b"[" + raw[1:])  # same size: read_shard's size check passes, the line does not
+    with pytest.raises(DataError, match=rf"texts.jsonl:1 is not a JSON string; delete {shard.path} and run"):
+        list_shards(shards)[1].texts()

@@ -31,7 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from rosim.errors import DataError, InputError
-from rosim.index.vector_index import VectorIndex, _sha256, default_nlist, encode_texts, identity_mismatch
+from rosim.index.vector_index import (
+    VectorIndex,
+    _sha256,
+    default_nlist,
+    encode_texts,
+    identity_mismatch,
+    read_texts_jsonl,
+)
 from rosim.limits import check_int
 
 FORMAT, FORMAT_VERSION = "rosim-shard", 1
@@ -98,19 +105,8 @@ class Shard:
         return x
 
     def texts(self) -> list[str]:
-        out = []
-        with open(self.path / TEXTS_FILE, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    text = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise DataError(f"{self.path / TEXTS_FILE}:{number} is not a JSON string")
-                out.append(text)
-        if len(out) != self.count:
-            raise DataError(f"{self.path / TEXTS_FILE} holds {len(out)} texts, meta.json says {self.count}")
-        return out
+        return read_texts_jsonl(self.path / TEXTS_FILE, self.count,
+                                damaged=f"; delete {self.path} and run the encode command again to redo it")
 
 
 def read_shard(path: Path) -> Shard:
