@@ -448,9 +448,6 @@ class SupervisedSection(ConfigModel):
     skip_no_consensus: bool = True  # NLI gold_label "-": skip (true) or error (false)
 
 
-DISTILL_KEYS = ("model", "data", "noise", "loss", "train", "teacher")
-
-
 class SupervisedConfig(FileConfig):
     model: ModelSection = Field(default_factory=ModelSection)
     supervised: SupervisedSection = Field(default_factory=SupervisedSection)
