@@ -163,13 +163,11 @@ def encode_shards(encoder, corpus: str | os.PathLike, out_dir: str | os.PathLike
 
     from rosim.textio import iter_lines
 
-    check_int("shard_size", shard_size, 1, MAX_SHARD_SIZE)
-    check_int("batch_size", batch_size, 1, 1 << 16)
+    shard_size = check_int("shard_size", shard_size, 1, MAX_SHARD_SIZE)
+    batch_size = check_int("batch_size", batch_size, 1, 1 << 16)
     env_rank, env_world = launcher_rank()
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
-    check_int("world_size", world_size, 1, 1 << 20)
-    check_int("rank", rank, 0, world_size - 1)
+    world_size = check_int("world_size", env_world if world_size is None else world_size, 1, 1 << 20)
+    rank = check_int("rank", env_rank if rank is None else rank, 0, world_size - 1)
     if not hasattr(encoder, "encode") or not hasattr(encoder, "identity"):
         raise InputError("encoder must have encode() and identity() (a SimModel or a teacher)")
     ident = encoder.identity()

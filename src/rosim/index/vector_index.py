@@ -187,11 +187,11 @@ class VectorIndex:
             raise InputError(f"dim must be a positive integer, got {dim!r}")
         if kind not in KINDS:
             raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
-                                  ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
-                                  ("ef_search", ef_search, MAX_EF), ("pq_m", pq_m, dim)):
-            if value is not None:
-                check_int(name, value, 1, most)
+        nlist, nprobe, hnsw_m, ef_construction, ef_search, pq_m = (
+            None if value is None else check_int(name, value, 1, most)  # NumPy ints become ints
+            for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
+                                      ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
+                                      ("ef_search", ef_search, MAX_EF), ("pq_m", pq_m, dim)))
         self.dim, self.kind = dim, kind
         self.encoder_identity = dict(encoder_identity) if encoder_identity else None
         self.pooling = pooling
