@@ -10,6 +10,7 @@ allocation that dies in a traceback (or takes the machine down with it).
 from __future__ import annotations
 
 import math
+import numbers
 
 from rosim.errors import InputError
 
@@ -39,9 +40,15 @@ MAX_PARAMETERS = 4_000_000_000  # ~16 GB of float32 weights
 
 
 def check_int(name: str, value, low: int, high: int) -> int:
-    """``value`` as an int in ``[low, high]``, or an InputError naming ``name`` and the range."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int in ``[low, high]``, or an InputError naming ``name`` and the range.
+
+    NumPy integers (``np.int64(5)``, e.g. a count computed with NumPy) are integers and come back as
+    a plain ``int``: callers keep the returned value, so what they store or write out is an int.
+    bool, float (even ``2.0``) and str are refused.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InputError(f"{name} must be an integer in {low}..{high}, got {value!r}")
+    value = int(value)
     if not low <= value <= high:
         raise InputError(f"{name} must be in {low}..{high}, got {value}")
     return value
@@ -61,20 +68,23 @@ def check_seed(seed, name: str = "seed") -> int | None:
     return None if seed is None else check_int(name, seed, 0, MAX_SEED)
 
 
-def check_generation(*, n=None, k=None, seed=None, max_length=None, texts: int = 1, batch=None) -> None:
-    """Bounds of one generation request (CLI and Python API); ``texts`` inputs decoded together."""
-    if n is not None:
-        check_int("n", n, 1, MAX_N)
-        if texts * n > MAX_GEN_ROWS:
-            raise InputError(f"{texts} texts x n={n} = {texts * n} candidates decoded together exceeds "
-                             f"{MAX_GEN_ROWS}; lower n or the batch")
+def check_similar_options(*, n, k, top_p, max_new_tokens, seed) -> tuple[int, int | None, float | None, int, int | None]:
+    """Bounds of one ``similar`` / ``generate`` request, checked before any model work (by the CLI
+    before it loads the model, and by :class:`~rosim.inference.sim_model.SimModel` itself).
+
+    ``n`` candidates generated per text, ``k`` kept (None: the default; at most ``n``), nucleus
+    ``top_p`` in (0, 1] (None: off), ``max_new_tokens`` per candidate, ``seed`` (None: random).
+    Returns them as plain ints / float, in that order.
+    """
+    n = check_int("n", n, 1, MAX_N)
     if k is not None:
-        check_int("k", k, 1, MAX_N)
-    if max_length is not None:
-        check_int("max_length", max_length, 1, MAX_GEN_LENGTH)
-    if batch is not None:
-        check_int("batch", batch, 1, MAX_BATCH)
-    check_seed(seed)
+        k = check_int("k", k, 1, MAX_N)
+        if k > n:
+            raise InputError(f"k ({k}) cannot exceed n ({n}): only n candidates are generated")
+    if top_p is not None:
+        top_p = check_float("top_p", top_p, 0.0, 1.0, low_open=True)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1, MAX_GEN_LENGTH)
+    return n, k, top_p, max_new_tokens, check_seed(seed)
 
 
 def estimated_parameters(vocab: int, hidden: int, layers: int, intermediate: int, positions: int = 0) -> int:

@@ -191,3 +191,55 @@ def test_load_state_strict_reports_shapes_and_names():
     state["pooler.weight"] = torch.zeros(3, 3)
     with pytest.raises(CheckpointError, match=r"pooler.weight: checkpoint \(3, 3\) vs model \(32, 32\)"):
         load_state_strict(model, state)
+
+
+BAD_JSON_FILES = [
+    (b"\xff\xfe{}", r"is not UTF-8 text \(invalid start byte at byte 0\)"),
+    (b"{not json", r"is not valid JSON: Expecting property name"),
+    (b"[1, 2]", r"must hold a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize(("raw", "match"), BAD_JSON_FILES)
+def test_read_json_object_names_the_file_and_the_fault(tmp_path, raw, match):
+    from rosim.checkpoints.io import read_json_object
+
+    path = tmp_path / "config.json"
+    path.write_bytes(raw)
+    with pytest.raises(CheckpointError, match=rf"^{path}[: ].*{match}"):
+        read_json_object(path)
+
+
+def test_read_json_object_missing_or_unreadable(tmp_path):
+    from rosim.checkpoints.io import read_json_object
+
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'nope.json'} not found$"):
+        read_json_object(tmp_path / "nope.json")
+    (tmp_path / "adir.json").mkdir()
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'adir.json'} cannot be read"):
+        read_json_object(tmp_path / "adir.json")
+    (tmp_path / "ok.json").write_text('{"a": 1}', encoding="utf-8")
+    assert read_json_object(tmp_path / "ok.json") == {"a": 1}
+
+
+@pytest.mark.parametrize(("raw", "match"), BAD_JSON_FILES)
+def test_every_checkpoint_reader_gives_the_same_config_errors(tmp_path, raw, match):
+    """rosim checkpoints, bert4keras directories and HF directories read their config with one function."""
+    from rosim.checkpoints.bert4keras import import_bert4keras
+    from rosim.checkpoints.detect import read_hf_config
+    from tests.checkpoints.fixtures import write_bert4keras_dir
+
+    model, tok = tiny_model()
+    ours = save_checkpoint(tmp_path / "ours", model, tok)
+    (ours / "config.json").write_bytes(raw)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint(ours)
+    b4k = write_bert4keras_dir(tmp_path / "b4k", model, tok)
+    (b4k / "bert_config.json").write_bytes(raw)
+    with pytest.raises(CheckpointError, match=match):
+        import_bert4keras(b4k)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_bytes(raw)
+    with pytest.raises(CheckpointError, match=match):
+        read_hf_config(hf)

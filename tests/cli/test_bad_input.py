@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from rosim import limits
@@ -69,12 +70,51 @@ def test_config_sizes_are_bounded_before_allocating(capsys, ckpt, tmp_path):
 
 def test_limits_module_checks():
     assert limits.check_int("x", 3, 1, 5) == 3
-    for bad in (0, 6, True, 2.0, "3"):
+    for bad in (0, 6, True, 2.0, "3", np.float64(3.0), np.bool_(True), np.int64(6)):
         with pytest.raises(InputError, match="x must be"):
             limits.check_int("x", bad, 1, 5)
-    with pytest.raises(InputError):
-        limits.check_generation(n=limits.MAX_N, texts=limits.MAX_GEN_ROWS)
     assert limits.check_seed(None) is None and limits.check_seed(limits.MAX_SEED) == limits.MAX_SEED
+
+
+def test_numpy_integers_are_integers_and_come_back_as_int():
+    for value in (np.int64(3), np.int32(3), np.uint8(3)):
+        got = limits.check_int("x", value, 1, 5)
+        assert got == 3 and type(got) is int
+    got = limits.check_similar_options(n=np.int64(8), k=np.int32(2), top_p=1, max_new_tokens=np.uint16(4),
+                                       seed=np.int64(7))
+    assert got == (8, 2, 1.0, 4, 7) and all(type(v) is int for v in (got[0], got[1], got[3], got[4]))
+    from rosim.index import VectorIndex
+
+    index = VectorIndex(16, kind="ivf", nlist=np.int64(4), nprobe=np.int64(2))
+    assert type(index.nlist) is int and type(index.nprobe) is int  # what meta.json records is JSON-able
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"n": 0}, f"n must be in 1..{limits.MAX_N}, got 0"),
+    ({"n": 2.0}, "n must be an integer"),
+    ({"k": 0}, "k must be in 1.."),
+    ({"n": 4, "k": 5}, "k (5) cannot exceed n (4): only n candidates are generated"),
+    ({"top_p": 0}, "top_p must be in (0, 1], got 0"),
+    ({"top_p": float("nan")}, "top_p must be a number, got nan"),
+    ({"max_new_tokens": limits.MAX_GEN_LENGTH + 1}, f"max_new_tokens must be in 1..{limits.MAX_GEN_LENGTH}"),
+    ({"seed": -1}, "seed must be in 0.."),
+])
+def test_similar_options_are_checked_in_one_place(options, message):
+    good = {"n": 8, "k": None, "top_p": None, "max_new_tokens": 16, "seed": None}
+    assert limits.check_similar_options(**good) == (8, None, None, 16, None)
+    with pytest.raises(InputError) as err:
+        limits.check_similar_options(**{**good, **options})
+    assert message in str(err.value)
+
+
+def test_sim_model_takes_numpy_integers(ckpt):
+    from rosim.inference.sim_model import SimModel
+
+    sim = SimModel.from_pretrained(ckpt)
+    out = sim.similar("今天", n=np.int64(3), k=np.int32(2), max_new_tokens=np.int64(4), seed=np.int64(1),
+                      show_progress_bar=False)
+    assert len(out) <= 2
+    assert out == sim.similar("今天", n=3, k=2, max_new_tokens=4, seed=1, show_progress_bar=False)
 
 
 # ---------------------------------------------------------------------- item 6: bad input paths

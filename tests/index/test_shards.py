@@ -223,3 +223,15 @@ def test_cells_on_disk_damage_and_bad_kinds_are_reported(tmp_path):
     data.unlink()
     with pytest.raises(DataError, match="ivfdata is missing"):
         VectorIndex.load(tmp_path / "idx")
+
+
+def test_damaged_shard_texts_are_reported(sim, corpus, tmp_path):
+    shards = tmp_path / "shards"
+    encode_shards(sim, corpus, shards, shard_size=10)
+    shard = list_shards(shards)[1]
+    assert shard.texts() == CORPUS[10:20]
+    texts = shard.path / "texts.jsonl"
+    raw = texts.read_bytes()
+    texts.write_bytes(b"[" + raw[1:])  # same size: read_shard's size check passes, the line does not
+    with pytest.raises(DataError, match=rf"texts.jsonl:1 is not a JSON string; delete {shard.path} and run"):
+        list_shards(shards)[1].texts()

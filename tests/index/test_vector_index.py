@@ -1,6 +1,7 @@
 """The vector index: brute-force agreement, persistence, model identity, damaged files, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,39 @@ def test_unreadable_faiss_file_is_reported(saved):
     meta["files"]["vectors.faiss"] = {}
     (saved / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match="not a readable faiss index"):
+        VectorIndex.load(saved)
+
+
+@pytest.mark.parametrize(("raw", "match"), [
+    (b'"a"\n"b"\n', r"^t.jsonl holds 2 texts, meta.json says 3; fix$"),
+    (b'"a"\n7\n"c"\n', r"^t.jsonl:2 is not a JSON string; fix$"),
+    (b'"a"\n"b\n"c"\n', r"^t.jsonl:2 is not a JSON string; fix$"),
+    (b'"a"\n"\xff"\n"c"\n', r"^t.jsonl:2 is not a JSON string; fix$"),
+    (b'"a"\n"b"\n"c"\n"d"\n', r"^t.jsonl holds 4 texts, meta.json says 3; fix$"),
+])
+def test_read_texts_jsonl(tmp_path, monkeypatch, raw, match):
+    from rosim.index.vector_index import read_texts_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    Path("t.jsonl").write_bytes(b'"a"\n"\\u4eca\\n\\t"\n"c"\n')
+    assert read_texts_jsonl(Path("t.jsonl"), 3) == ["a", "今\n\t", "c"]
+    Path("t.jsonl").write_bytes(raw)
+    with pytest.raises(DataError, match=match):
+        read_texts_jsonl(Path("t.jsonl"), 3, damaged="; fix")
+
+
+def test_texts_that_pass_the_recorded_checks_are_still_read_strictly(saved):
+    """meta.json without sizes or checksums for texts.jsonl: each line is still checked, and the count."""
+    meta = json.loads((saved / "meta.json").read_text())
+    meta["files"]["texts.jsonl"] = {}
+    (saved / "meta.json").write_text(json.dumps(meta))
+    texts = saved / "texts.jsonl"
+    lines = texts.read_bytes().splitlines(keepends=True)
+    texts.write_bytes(b"".join([lines[0], b"[1]\n", *lines[2:]]))
+    with pytest.raises(DataError, match=r"texts.jsonl:2 is not a JSON string; the index in .* rebuild it"):
+        VectorIndex.load(saved)
+    texts.write_bytes(b"".join(lines[:-1]))
+    with pytest.raises(DataError, match=r"texts.jsonl holds 49 texts, meta.json says 50; the index in .* rebuild"):
         VectorIndex.load(saved)
 
 

@@ -93,3 +93,35 @@ def test_keyword_config_raises_input_error():
         VAETrainConfig(steps=0)
     with pytest.raises(InputError, match=r"unknown keys \['step'\] \(did you mean 'steps'"):
         VAETrainConfig(step=3)
+
+
+def test_one_json_object_parser_for_configs_and_data_lines(tmp_path):
+    """A JSON config, a training record and an NLI record are parsed by one function: same faults, same words."""
+    from rosim.errors import DataError
+    from rosim.training.config import parse_json_object
+    from rosim.training.data import PairStream, Source
+    from rosim.training.labelled import read_nli_file
+
+    assert parse_json_object('{"a": 1}', "x") == {"a": 1}
+    with pytest.raises(InputError, match=r"^x: malformed JSON \(Expecting ',' delimiter at line 2 column 1\)$"):
+        parse_json_object('{"a": 1\n"b": 2}', "x")
+    with pytest.raises(DataError, match=r"^f:3: expected a JSON object, got list$"):
+        parse_json_object("[1]", "f:3", DataError)
+
+    conf = tmp_path / "c.json"
+    conf.write_text("{not json")
+    with pytest.raises(InputError, match=rf"^{conf}: malformed JSON \(Expecting property name .* at column 2\)$"):
+        load_config(conf)
+    conf.write_bytes(b'{"train": "\xff"}')
+    with pytest.raises(InputError, match=rf"^{conf}: not UTF-8 text \(invalid start byte at byte 11\)$"):
+        load_config(conf)
+
+    for name, lines in (("data.jsonl", ['{"text_a": "甲"', '"x"']), ("nli.jsonl", ['{"sentence1": "甲"', '"x"'])):
+        path = tmp_path / name
+        read = (lambda p: PairStream([Source(str(p))]).next_pair()) if name == "data.jsonl" else read_nli_file
+        path.write_text(lines[0] + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=rf"^{path}:1: malformed JSON \(Expecting ',' delimiter at column \d+\)"):
+            read(path)
+        path.write_text(lines[1] + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=rf"^{path}:1: expected a JSON object.*, got str"):
+            read(path)

@@ -18,7 +18,6 @@ not needed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Literal
 import torch
 
 from rosim.checkpoints.hf import config_from_hf
-from rosim.checkpoints.io import LoadReport, build_model
+from rosim.checkpoints.io import LoadReport, build_model, read_json_object
 from rosim.checkpoints.tf_bundle import TFCheckpoint, resolve_prefix
 from rosim.errors import CheckpointError, InputError
 from rosim.modeling.model import RoFormerSim, RoFormerSimConfig
@@ -116,12 +115,7 @@ def import_bert4keras(
     cfg_path = _find_file(directory, ("bert_config.json", "config.json"), "the model config (bert_config.json)"
                           + ("; Keras save_weights files hold weights only: put the bert_config.json and vocab.txt "
                              "of the model you trained beside them" if kind != "release" else ""))
-    try:
-        data = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{cfg_path} must hold a JSON object")
+    data = read_json_object(cfg_path)
     from rosim.checkpoints.detect import refuse_roformer_v2
 
     refuse_roformer_v2(cfg_path, data)

@@ -9,7 +9,6 @@ importer reads them by layer name. Formats rosim recognises but cannot import (R
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -44,16 +43,12 @@ def _weight_keys(directory: Path) -> list[str]:
 
 def read_hf_config(directory: Path) -> tuple[Path, dict]:
     """``config.json`` or bert4torch's ``bert4torch_config.json``, parsed."""
+    from rosim.checkpoints.io import read_json_object
+
     for name in HF_CONFIGS:
         path = directory / name
         if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
-            if not isinstance(data, dict):
-                raise CheckpointError(f"{path} must hold a JSON object")
-            return path, data
+            return path, read_json_object(path)
     raise CheckpointError(f"{directory}: no model config found (looked for {', '.join(HF_CONFIGS)})")
 
 

@@ -12,13 +12,15 @@ This is what ``tf.compat.v1.train.Saver`` (and so bert4keras' ``save_weights_as_
 ``tf.train.Checkpoint`` write. The reader checks the checksums of the index blocks and of every
 tensor it reads, so truncated or corrupt files raise :class:`~rosim.errors.CheckpointError` instead
 of producing wrong weights. Partitioned (sliced) variables and string tensors are listed but
-cannot be read. CRC32C is computed with NumPy (many lanes at once, then combined), which reads a
-base-size checkpoint in a few seconds.
+cannot be read. CRC32C is computed by ``google-crc32c``'s C code when it is installed (the
+``crc32c`` extra: ``pip install rosim[crc32c]``), otherwise with NumPy (many lanes at once, then
+combined), which reads a base-size checkpoint in a few seconds.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -86,8 +88,8 @@ def _register(state: int, data: np.ndarray) -> int:
     return state
 
 
-def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
-    """CRC32C of ``data`` (``crc32c(b"123456789") == 0xE3069283``)."""
+def _numpy_crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """CRC32C of ``data`` in NumPy: what :func:`crc32c` uses without ``google-crc32c``."""
     buf = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).ravel()
     n = buf.size
     state = 0xFFFFFFFF
@@ -106,6 +108,32 @@ def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
     for r in reg.tolist():
         state = t0[state & 0xFF] ^ t1[(state >> 8) & 0xFF] ^ t2[(state >> 16) & 0xFF] ^ t3[state >> 24] ^ r
     return _register(state, buf[lanes * n_lane:]) ^ 0xFFFFFFFF
+
+
+def _native_crc32c():
+    """``google_crc32c.value`` when google-crc32c is installed with its compiled code, else None (its
+    own pure-Python fallback is slower than :func:`_numpy_crc32c`, and warns when imported)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            import google_crc32c
+    except ImportError:
+        return None
+    if getattr(google_crc32c, "implementation", None) not in ("c", "cffi"):
+        return None
+    return google_crc32c.value
+
+
+_native = _native_crc32c()
+
+
+def crc32c(data: bytes | bytearray | memoryview | np.ndarray) -> int:
+    """CRC32C of ``data`` (``crc32c(b"123456789") == 0xE3069283``), by google-crc32c when installed."""
+    if _native is None:
+        return _numpy_crc32c(data)
+    if not isinstance(data, bytes):
+        data = np.ascontiguousarray(data).view(np.uint8).tobytes() if isinstance(data, np.ndarray) else bytes(data)
+    return int(_native(data))
 
 
 def mask_crc(crc: int) -> int:

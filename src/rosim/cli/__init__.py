@@ -33,13 +33,7 @@ def _register() -> None:
     import importlib
 
     for area in ("model", "inference", "export", "retrieval", "closed_forms", "training", "univae", "server"):
-        try:
-            module = importlib.import_module(f"rosim.cli.{area}")
-        except ModuleNotFoundError as exc:  # an area not built yet
-            if exc.name != f"rosim.cli.{area}":
-                raise
-            continue
-        module.register(app)
+        importlib.import_module(f"rosim.cli.{area}").register(app)
 
 
 def _say(message: str) -> None:
@@ -47,12 +41,6 @@ def _say(message: str) -> None:
     (surrogate escapes) are shown as ``\\xNN`` instead of failing to print."""
     line = " ".join(str(message).splitlines()) or "(no message)"
     typer.echo(line.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"), err=True)
-
-
-def fail(message: str, code: int = 2) -> None:
-    """Print one line on stderr and exit with ``code``."""
-    _say(f"rosim: error: {message}")
-    raise typer.Exit(code)
 
 
 def _usage_line(exc) -> str:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from rosim import limits
 from rosim.errors import InputError
 from rosim.textio import output_path
 
@@ -74,7 +75,7 @@ def similar(
 ) -> None:
     """Generate similar sentences and rank them by similarity to the input."""
     options = {"n": n, "k": k, "seed": seed, "top_p": top_p, "max_new_tokens": max_new_tokens}
-    _check_options(options)  # before the model loads: a bad option fails at once
+    limits.check_similar_options(**options)  # before the model loads: a bad option fails at once
     if file is not None:
         if texts:
             raise InputError("give either TEXT arguments or --file, not both")
@@ -94,17 +95,6 @@ def similar(
                 typer.echo(f"{s:.4f}\t{t}")
 
 
-def _check_options(options: dict) -> None:
-    from rosim import limits
-
-    limits.check_int("n", options["n"], 1, limits.MAX_N)
-    if options["k"] is not None:
-        limits.check_int("k", options["k"], 1, limits.MAX_N)
-    limits.check_int("max_new_tokens", options["max_new_tokens"], 1, limits.MAX_GEN_LENGTH)
-    limits.check_float("top_p", options["top_p"], 0.0, 1.0, low_open=True)
-    limits.check_seed(options["seed"])
-
-
 def _similar_file(file: Path, output: Path, options: dict, *, model, batch: int, quiet: bool) -> None:
     """``similar`` over a file, written unit by unit; a rerun resumes exactly.
 
@@ -116,11 +106,9 @@ def _similar_file(file: Path, output: Path, options: dict, *, model, batch: int,
     """
     from tqdm.auto import tqdm
 
-    from rosim.inference.sim_model import check_count
-    from rosim.limits import MAX_BATCH, MAX_SEED
     from rosim.textio import read_lines
 
-    batch = check_count("--batch", batch, MAX_BATCH)
+    batch = limits.check_int("--batch", batch, 1, limits.MAX_BATCH)
     inputs = list(dict.fromkeys(read_lines(file)))
     output = output_path(output)
     sim = load_model(model)
@@ -134,7 +122,7 @@ def _similar_file(file: Path, output: Path, options: dict, *, model, batch: int,
         for u, unit in enumerate(units):
             if all(t in done for t in unit):
                 continue
-            seed = None if options["seed"] is None else (options["seed"] + u) % (MAX_SEED + 1)
+            seed = None if options["seed"] is None else (options["seed"] + u) % (limits.MAX_SEED + 1)
             results = sim.similar(unit, **{**options, "seed": seed}, show_progress_bar=False)
             f.write("".join(
                 json.dumps({"text": t, "similar": [{"text": s, "score": round(v, 6)} for s, v in r]},

@@ -42,6 +42,7 @@ from rosim.index.vector_index import (
     encode_texts,
     faiss_stdout_silenced,
     identity_mismatch,
+    read_texts_jsonl,
 )
 from rosim.limits import check_int
 
@@ -109,19 +110,8 @@ class Shard:
         return x
 
     def texts(self) -> list[str]:
-        out = []
-        with open(self.path / TEXTS_FILE, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    text = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    text = None
-                if not isinstance(text, str):
-                    raise DataError(f"{self.path / TEXTS_FILE}:{number} is not a JSON string")
-                out.append(text)
-        if len(out) != self.count:
-            raise DataError(f"{self.path / TEXTS_FILE} holds {len(out)} texts, meta.json says {self.count}")
-        return out
+        return read_texts_jsonl(self.path / TEXTS_FILE, self.count,
+                                damaged=f"; delete {self.path} and run the encode command again to redo it")
 
 
 def read_shard(path: Path) -> Shard:
@@ -178,13 +168,11 @@ def encode_shards(encoder, corpus: str | os.PathLike, out_dir: str | os.PathLike
 
     from rosim.textio import iter_lines
 
-    check_int("shard_size", shard_size, 1, MAX_SHARD_SIZE)
-    check_int("batch_size", batch_size, 1, 1 << 16)
+    shard_size = check_int("shard_size", shard_size, 1, MAX_SHARD_SIZE)
+    batch_size = check_int("batch_size", batch_size, 1, 1 << 16)
     env_rank, env_world = launcher_rank()
-    rank = env_rank if rank is None else rank
-    world_size = env_world if world_size is None else world_size
-    check_int("world_size", world_size, 1, 1 << 20)
-    check_int("rank", rank, 0, world_size - 1)
+    world_size = check_int("world_size", env_world if world_size is None else world_size, 1, 1 << 20)
+    rank = check_int("rank", env_rank if rank is None else rank, 0, world_size - 1)
     if not hasattr(encoder, "encode") or not hasattr(encoder, "identity"):
         raise InputError("encoder must have encode() and identity() (a SimModel or a teacher)")
     ident = encoder.identity()

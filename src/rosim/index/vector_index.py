@@ -114,6 +114,25 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_texts_jsonl(path: Path, count: int, *, damaged: str = "") -> list[str]:
+    """The ``count`` texts of a ``texts.jsonl`` (one JSON string per line, as an index or a shard
+    stores them); a line that is not a UTF-8 JSON string, or another number of lines, is a DataError
+    naming the file (and line), followed by ``damaged`` (what to do about it)."""
+    texts = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            try:
+                text = json.loads(line.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                text = None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{number} is not a JSON string{damaged}")
+            texts.append(text)
+    if len(texts) != count:
+        raise DataError(f"{path} holds {len(texts)} texts, meta.json says {count}{damaged}")
+    return texts
+
+
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for item in items:
@@ -192,11 +211,11 @@ class VectorIndex:
             raise InputError(f"dim must be a positive integer, got {dim!r}")
         if kind not in KINDS:
             raise InputError(f"index kind must be one of {', '.join(KINDS)}, got {kind!r}")
-        for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
-                                  ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
-                                  ("ef_search", ef_search, MAX_EF), ("pq_m", pq_m, dim)):
-            if value is not None:
-                check_int(name, value, 1, most)
+        nlist, nprobe, hnsw_m, ef_construction, ef_search, pq_m = (
+            None if value is None else check_int(name, value, 1, most)  # NumPy ints become ints
+            for name, value, most in (("nlist", nlist, MAX_NLIST), ("nprobe", nprobe, MAX_NLIST),
+                                      ("hnsw_m", hnsw_m, MAX_HNSW_M), ("ef_construction", ef_construction, MAX_EF),
+                                      ("ef_search", ef_search, MAX_EF), ("pq_m", pq_m, dim)))
         self.dim, self.kind = dim, kind
         self.encoder_identity = dict(encoder_identity) if encoder_identity else None
         self.pooling = pooling
@@ -583,20 +602,10 @@ class VectorIndex:
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
             raise DataError(f"{directory / VECTORS_FILE} is not a readable faiss index ({first}){damaged}") from None
-        texts = []
-        with open(directory / TEXTS_FILE, "rb") as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    text = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise DataError(f"{directory / TEXTS_FILE}:{number} is not a JSON string{damaged}") from None
-                if not isinstance(text, str):
-                    raise DataError(f"{directory / TEXTS_FILE}:{number} is not a JSON string{damaged}")
-                texts.append(text)
-        if raw.d != dim or raw.ntotal != count or len(texts) != count:
+        if raw.d != dim or raw.ntotal != count:
             raise DataError(f"{directory}: meta.json says {count} vectors of dim {dim}, the faiss index holds "
-                            f"{raw.ntotal} of dim {raw.d} and texts.jsonl {len(texts)} texts{damaged}")
-        index._index, index.texts = raw, texts
+                            f"{raw.ntotal} of dim {raw.d}{damaged}")
+        index._index, index.texts = raw, read_texts_jsonl(directory / TEXTS_FILE, count, damaged=damaged)
         if encoder is not None:
             index.check_encoder(encoder)
         return index

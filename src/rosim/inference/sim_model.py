@@ -39,13 +39,6 @@ class Candidate(NamedTuple):
     score: float
 
 
-def check_count(name: str, value, high: int) -> int:
-    """``value`` as an int in ``[1, high]`` or an :class:`InputError` naming the bound."""
-    if isinstance(value, np.integer):
-        value = int(value)
-    return limits.check_int(name, value, 1, high)
-
-
 def repeats_more_than_source(source: str, candidate: str) -> bool:
     """True when a two-character word-ish unit occurs at least twice in ``candidate`` and more
     often than in ``source`` ("广州哪个广州和深圳最好" for "广州和深圳哪个好"): the degenerate
@@ -228,15 +221,16 @@ class SimModel:
                 texts[i] = [self.tokenizer.decode(r) for r in rows[j * settings["n"]:(j + 1) * settings["n"]]]
         return texts[0] if single else texts
 
-    def _sampling_settings(self, n, top_p, top_k, temperature, max_new_tokens, seed, strategy, max_rows) -> dict:
+    def _sampling_settings(self, n, top_p, top_k, temperature, max_new_tokens, seed, strategy, max_rows,
+                           k=None) -> dict:
+        n, k, top_p, max_new, seed = limits.check_similar_options(n=n, k=k, top_p=top_p,
+                                                                  max_new_tokens=max_new_tokens, seed=seed)
         check_sampling_args(top_p, top_k, temperature)
         if strategy not in ("cache", "recompute"):
             raise InputError(f"strategy must be 'cache' or 'recompute', got {strategy!r}")
-        seed = limits.check_seed(int(seed) if isinstance(seed, np.integer) else seed)
         generator = seeded_generator(seed, self.device)
-        return {"n": check_count("n", n, limits.MAX_N), "top_p": top_p, "top_k": top_k, "temperature": temperature,
-                "max_new": check_count("max_new_tokens", max_new_tokens, limits.MAX_GEN_LENGTH),
-                "strategy": strategy, "max_rows": check_count("max_rows", max_rows, 1 << 20),
+        return {"n": n, "k": k, "top_p": top_p, "top_k": top_k, "temperature": temperature, "max_new": max_new,
+                "strategy": strategy, "max_rows": limits.check_int("max_rows", max_rows, 1, 1 << 20),
                 "generator": generator}
 
     def _prepare_sources(self, ids: list[list[int]], mask_idxs) -> list[list[int]]:
@@ -402,10 +396,8 @@ class SimModel:
         for several texts. Fewer than ``k`` come back when fewer distinct candidates were generated.
         """
         items, single = _check_texts(text)
-        settings = self._sampling_settings(n, top_p, top_k, temperature, max_new_tokens, seed, "cache", max_rows)
-        k = min(DEFAULT_K, settings["n"]) if k is None else check_count("k", k, limits.MAX_N)
-        if k > settings["n"]:
-            raise InputError(f"k ({k}) cannot exceed n ({n}): only n candidates are generated")
+        settings = self._sampling_settings(n, top_p, top_k, temperature, max_new_tokens, seed, "cache", max_rows, k)
+        k = min(DEFAULT_K, settings["n"]) if settings["k"] is None else settings["k"]
         ids = self._source_ids(items)
         src = self._prepare_sources(ids, mask_idxs)
         results: list[list[Candidate]] = [[] for _ in items]

@@ -193,20 +193,31 @@ def describe_errors(cls: type[BaseModel], exc: ValidationError, sections: tuple[
 # ============================================================================================
 # reading a file, --set overrides
 # ============================================================================================
+def parse_json_object(text: str, where: str, error: type[InputError] = InputError, *,
+                      not_object: str = "expected a JSON object") -> dict[str, Any]:
+    """``text`` (a config file, or one JSON line of a data file) parsed as a JSON object; else
+    ``error`` with ``where`` (the file, or ``file:line``) in front of what is wrong."""
+    try:
+        obj = json.loads(text.rstrip())  # a line's own newline is not a line 2 to point at
+    except json.JSONDecodeError as exc:
+        at = f"column {exc.colno}" if exc.lineno == 1 else f"line {exc.lineno} column {exc.colno}"
+        raise error(f"{where}: malformed JSON ({exc.msg} at {at})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{where}: {not_object}, got {type(obj).__name__}")
+    return obj
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """A TOML file (or JSON, by its ``.json`` suffix) as a dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}: not valid JSON: {exc}") from None
-        if not isinstance(data, dict):
-            raise InputError(f"{path}: the config must be a JSON object, got {type(data).__name__}")
-        return data
+        return parse_json_object(text, str(path), not_object="the config must be a JSON object")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -435,9 +446,6 @@ class SupervisedSection(ConfigModel):
     rdrop_alpha: float = Field(0.0, ge=0)  # > 0: R-Drop with this α (Su: 4)
     head_lr: float | None = Field(None, gt=0)  # learning rate of the head (default: [train] lr)
     skip_no_consensus: bool = True  # NLI gold_label "-": skip (true) or error (false)
-
-
-DISTILL_KEYS = ("model", "data", "noise", "loss", "train", "teacher")
 
 
 class SupervisedConfig(FileConfig):

@@ -21,7 +21,6 @@ run reads exactly the pairs an uninterrupted run would have read.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -35,6 +34,7 @@ from torch.utils.data import IterableDataset
 
 from rosim.errors import DataError, InputError
 from rosim.tokenization.tokenizer import CharTokenizer, Encoding
+from rosim.training.config import parse_json_object
 from rosim.training.noise import WholeWordMasking, noisy_source_ids
 
 log = logging.getLogger(__name__)
@@ -84,12 +84,7 @@ def parse_record(line: str, where: str, *, single_ok: bool = False) -> list[str]
     With ``single_ok`` (the MLM stage) a lone ``{"text": ...}`` is a group of one.
     ``where`` ("file:line") is put in front of every error message.
     """
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = parse_json_object(line, where, DataError)
     if "text_a" in obj or "text_b" in obj:
         a, b = obj.get("text_a"), obj.get("text_b")
         for key, value in (("text_a", a), ("text_b", b)):

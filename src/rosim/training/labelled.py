@@ -14,7 +14,6 @@ contradiction, 3 entailment, 4 neutral. :class:`PairMixer` alternates the tasks 
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import math
 import os
@@ -25,7 +24,7 @@ import numpy as np
 
 from rosim.errors import DataError, InputError
 from rosim.textio import iter_lines
-from rosim.training.config import SupervisedSection
+from rosim.training.config import SupervisedSection, parse_json_object
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +112,8 @@ def read_nli_file(path: str | os.PathLike, *, skip_no_consensus: bool = True) ->
     a, b, labels, skipped = [], [], [], 0
     for number, line in iter_lines(path):
         where = f"{path}:{number}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object with sentence1, sentence2, gold_label")
+        obj = parse_json_object(line, where, DataError,
+                                not_object="expected a JSON object with sentence1, sentence2, gold_label")
         for key in ("sentence1", "sentence2", "gold_label"):
             if key not in obj:
                 raise DataError(f"{where}: missing key {key!r} (an NLI record has sentence1, sentence2, gold_label)")
