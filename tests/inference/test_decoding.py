@@ -1,5 +1,5 @@
 """inference/decoding.py: the token sampler, end-of-sequence bookkeeping, the sampling and beam-search
-loops; and SimModel's samples, recorded before the decoder moved to decode_step (#18)."""
+loops."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import itertools
 
 import torch
 
-from rosim import SimModel
 from rosim.inference.decoding import (
     TokenSampler,
     banned_token_ids,
@@ -125,21 +124,3 @@ def test_select_rows():
 def test_banned_token_ids():
     _, tok = tiny_model()
     assert banned_token_ids(tok).tolist() == [tok.pad_id, tok.cls_id, tok.mask_id, tok.unk_id]
-
-
-# recorded at 5780a64 (before the generator used decode_step and decoding.py), torch 2.13, CPU, one thread
-RECORDED_GENERATE = [
-    ["8f技技gs深荐hh", "q很是9？北2 00 t", "苹e哪e r q 4x jf", "9 r xj a lf和cp", "w的？技c r色v。州"],
-    ["气t23 w错深b款果", "w 5 o果z e 7 o色力", "6的obd u喜l q d", "v和e pw个o第0圳", "。的天p9r我给v个"],
-]
-RECORDED_TOP_K = [["z1京我是dm1是果", "c是pry 9是是1 g", "em是p果p圳pb是", "z我y h是d北是9b"]]
-RECORDED_SIMILAR = [["产e是3 1v", "t1欢我n深w术", "3z1州我e很很", "v r欢w r q我技"],
-                    ["5科c r。北0影", "p车g？1天9q", "喜0北科i欢j a", "nplk 2qnn"]]
-
-
-def test_sim_model_gives_the_recorded_samples():
-    sim = SimModel(*tiny_model(seed=3))
-    assert sim.generate(["今天天气不错", "广州和深圳哪个好？"], 5, seed=11, max_new_tokens=10) == RECORDED_GENERATE
-    assert sim.generate(["今天天气不错"], 4, seed=1, top_k=7, top_p=None, max_new_tokens=10) == RECORDED_TOP_K
-    found = sim.similar(["今天天气不错", "我喜欢北京"], 8, 4, seed=2, max_new_tokens=8)
-    assert [[c.text for c in row] for row in found] == RECORDED_SIMILAR
