@@ -140,51 +140,22 @@ def export_onnx(
     """
     from rosim.textio import atomic_directory
 
-    model = sim.model
-    if not model.has_sentence_vector:
-        raise InputError(
-            f"{sim.name} has no sentence vector to export: it has no pooler (config.with_pooler=false) and "
-            "config.sentence_pooling is 'pooler'; convert it with its pooler (rosim convert without "
-            "--allow-missing pooler), or set sentence_pooling to 'mean' in its config.json"
-        )
-    if opset < 14:
-        raise InputError(f"opset must be at least 14 (scaled dot-product attention), got {opset}")
-    if not verify_texts:
-        raise InputError("verify_texts must hold at least one text")
-    try:
-        import onnxruntime as ort
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError:
-        raise InputError("exporting to ONNX needs onnx and onnxruntime: pip install 'rosim[onnx]'") from None
+    _check_exportable(sim, opset, verify_texts)
+    ort = _onnxruntime()
     out = Path(out)
     _check_out_dir(out, None if source_dir is None else Path(source_dir), overwrite)
-
+    model = sim.model
     if model.device.type != "cpu" or any(p.dtype != torch.float32 for p in model.parameters()):
         import copy
 
         model = copy.deepcopy(model).to("cpu").float()  # export a CPU fp32 copy; the caller's model is untouched
     module = SentenceVectorModule(model).eval()
     ref, arrays = _torch_vectors(module, sim, verify_texts)
-    example = (torch.from_numpy(arrays[-1]["input_ids"]), torch.from_numpy(arrays[-1]["attention_mask"]))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     verification: dict = {"texts": len(verify_texts), "batches": len(arrays)}
 
     with atomic_directory(out) as tmp:
-        fp32_path = tmp / MODEL_FILES["fp32"]
-        with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notices
-            warnings.simplefilter("ignore")
-            try:
-                torch.onnx.export(
-                    module, example, str(fp32_path), dynamo=False, opset_version=opset,
-                    input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                    dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
-                                  OUTPUT_NAME: {0: "batch"}},
-                )
-            except Exception as exc:
-                raise RosimError(f"torch.onnx.export failed for {sim.name}: {exc}") from exc
-        session = ort.InferenceSession(str(fp32_path), options, providers=["CPUExecutionProvider"])
-        got = _onnx_vectors(session, arrays)
+        _export_fp32(module, arrays[-1], tmp / MODEL_FILES["fp32"], opset, sim.name)
+        got = _onnx_vectors(_session(ort, tmp / MODEL_FILES["fp32"]), arrays)
         diff = float(np.abs(got - ref).max())
         verification["fp32_max_abs_diff"] = diff
         verification["fp32_min_cosine"] = float(_cosines(got, ref).min())
@@ -194,28 +165,8 @@ def export_onnx(
                 f"{atol:g}): not exported. Please report this with the model's config.json")
         files = [MODEL_FILES["fp32"]]
         if int8:
-            qdir = tmp / ".quantize"  # quantize_dynamic may leave helper files; keep them out of the export
-            qdir.mkdir()
-            int8_path = tmp / MODEL_FILES["int8"]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import logging
-
-                logger = logging.getLogger()
-                level = logger.level
-                logger.setLevel(logging.ERROR)  # "consider pre-processing" notices on the root logger
-                try:
-                    quantize_dynamic(fp32_path, qdir / "q.onnx", weight_type=QuantType.QInt8,
-                                     per_channel=per_channel, op_types_to_quantize=["MatMul"])
-                finally:
-                    logger.setLevel(level)
-            os.replace(qdir / "q.onnx", int8_path)
-            import shutil
-
-            shutil.rmtree(qdir)
-            session = ort.InferenceSession(str(int8_path), options, providers=["CPUExecutionProvider"])
-            got8 = _onnx_vectors(session, arrays)
-            cos = _cosines(got8, ref)
+            _quantize_int8(tmp / MODEL_FILES["fp32"], tmp / MODEL_FILES["int8"], per_channel)
+            cos = _cosines(_onnx_vectors(_session(ort, tmp / MODEL_FILES["int8"]), arrays), ref)
             verification["int8_min_cosine"] = float(cos.min())
             verification["int8_mean_cosine"] = float(cos.mean())
             if not cos.min() >= int8_min_cosine:
@@ -226,31 +177,8 @@ def export_onnx(
         sim.tokenizer.save(tmp / "vocab.txt")
         (tmp / "config.json").write_text(model.config.to_json(), encoding="utf-8")
         files += ["vocab.txt", "config.json"]
-        identity = sim.identity()
-        cfg = model.config
-        import onnxruntime
-
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "source": {"name": identity["name"], "fingerprint": identity["fingerprint"],
-                       "weights": identity["weights"]},
-            "dim": cfg.hidden_size,
-            "max_length": sim.max_length,
-            "vocab_size": cfg.vocab_size,
-            "pooling": cfg.sentence_pooling,
-            "pooler_activation": cfg.pooler_activation if cfg.sentence_pooling == "pooler" else None,
-            "normalized": False,
-            "inputs": list(INPUT_NAMES),
-            "output": OUTPUT_NAME,
-            "opset": opset,
-            "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
-            "onnxruntime": onnxruntime.__version__,
-            "int8": ({"method": "onnxruntime.quantization.quantize_dynamic", "weights": "QInt8", "ops": ["MatMul"],
-                      "per_channel": per_channel} if int8 else None),
-            "verification": verification,
-            "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in files},
-        }
+        manifest = _manifest(sim, model.config, opset, per_channel if int8 else None, verification,
+                             {f: {"bytes": (tmp / f).stat().st_size, "sha256": file_sha256(tmp / f)} for f in files})
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
         try:  # the directory loads as a whole (manifest, checksums, tokenizer, inputs) before it is renamed in
             for precision in ("fp32", "int8") if int8 else ("fp32",):
@@ -258,3 +186,97 @@ def export_onnx(
         except CheckpointError as exc:
             raise ExportVerificationError(f"the export does not load back: {exc}") from None
     return manifest
+
+
+def _check_exportable(sim, opset: int, verify_texts) -> None:
+    if not sim.model.has_sentence_vector:
+        raise InputError(
+            f"{sim.name} has no sentence vector to export: it has no pooler (config.with_pooler=false) and "
+            "config.sentence_pooling is 'pooler'; convert it with its pooler (rosim convert without "
+            "--allow-missing pooler), or set sentence_pooling to 'mean' in its config.json"
+        )
+    if opset < 14:
+        raise InputError(f"opset must be at least 14 (scaled dot-product attention), got {opset}")
+    if not verify_texts:
+        raise InputError("verify_texts must hold at least one text")
+
+
+def _onnxruntime():
+    try:
+        import onnxruntime
+        import onnxruntime.quantization  # noqa: F401  (the int8 step needs it; fail before any work)
+    except ImportError:
+        raise InputError("exporting to ONNX needs onnx and onnxruntime: pip install 'rosim[onnx]'") from None
+    return onnxruntime
+
+
+def _session(ort, path: Path):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _export_fp32(module: torch.nn.Module, example: dict, path: Path, opset: int, name: str) -> None:
+    """``torch.onnx.export`` (TorchScript) with dynamic batch and length axes."""
+    args = (torch.from_numpy(example["input_ids"]), torch.from_numpy(example["attention_mask"]))
+    with warnings.catch_warnings():  # the TorchScript exporter's deprecation and tracer notices
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(
+                module, args, str(path), dynamo=False, opset_version=opset,
+                input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
+                dynamic_axes={"input_ids": {0: "batch", 1: "length"}, "attention_mask": {0: "batch", 1: "length"},
+                              OUTPUT_NAME: {0: "batch"}},
+            )
+        except Exception as exc:
+            raise RosimError(f"torch.onnx.export failed for {name}: {exc}") from exc
+
+
+def _quantize_int8(fp32_path: Path, int8_path: Path, per_channel: bool) -> None:
+    """ONNX Runtime's dynamic quantisation of the MatMul weights (QInt8), helper files kept out of the export."""
+    import logging
+    import shutil
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    qdir = int8_path.parent / ".quantize"
+    qdir.mkdir()
+    logger = logging.getLogger()
+    level = logger.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.setLevel(logging.ERROR)  # "consider pre-processing" notices on the root logger
+        try:
+            quantize_dynamic(fp32_path, qdir / "q.onnx", weight_type=QuantType.QInt8,
+                             per_channel=per_channel, op_types_to_quantize=["MatMul"])
+        finally:
+            logger.setLevel(level)
+    os.replace(qdir / "q.onnx", int8_path)
+    shutil.rmtree(qdir)
+
+
+def _manifest(sim, cfg, opset: int, per_channel: bool | None, verification: dict, files: dict) -> dict:
+    """What ``onnx_manifest.json`` records: the source's identity, the graph's interface, how it was made."""
+    import onnxruntime
+
+    identity = sim.identity()
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "source": {"name": identity["name"], "fingerprint": identity["fingerprint"], "weights": identity["weights"]},
+        "dim": cfg.hidden_size,
+        "max_length": sim.max_length,
+        "vocab_size": cfg.vocab_size,
+        "pooling": cfg.sentence_pooling,
+        "pooler_activation": cfg.pooler_activation if cfg.sentence_pooling == "pooler" else None,
+        "normalized": False,
+        "inputs": list(INPUT_NAMES),
+        "output": OUTPUT_NAME,
+        "opset": opset,
+        "exporter": f"torch.onnx.export (TorchScript), torch {torch.__version__}",
+        "onnxruntime": onnxruntime.__version__,
+        "int8": ({"method": "onnxruntime.quantization.quantize_dynamic", "weights": "QInt8", "ops": ["MatMul"],
+                  "per_channel": per_channel} if per_channel is not None else None),
+        "verification": verification,
+        "files": files,
+    }
