@@ -111,41 +111,12 @@ def import_bert4keras(
     if not path.exists() and not Path(f"{path}.index").is_file():
         raise CheckpointError(f"bert4keras checkpoint not found: {path}")
     ckpt, directory, source, kind = open_variables(path)
-
-    cfg_path = _find_file(directory, ("bert_config.json", "config.json"), "the model config (bert_config.json)"
-                          + ("; Keras save_weights files hold weights only: put the bert_config.json and vocab.txt "
-                             "of the model you trained beside them" if kind != "release" else ""))
-    data = read_json_object(cfg_path)
-    from rosim.checkpoints.detect import refuse_roformer_v2
-
-    refuse_roformer_v2(cfg_path, data)
-    if data.get("embedding_size", data.get("hidden_size")) != data.get("hidden_size"):
-        raise CheckpointError(f"{cfg_path}: embedding_size != hidden_size (Embedding-Mapping) is not supported")
-
-    has_positions = "bert/embeddings/position_embeddings" in ckpt
-    if model == "auto":
-        model = "bert" if has_positions else "roformer"
-    if model not in ("roformer", "bert"):
-        raise CheckpointError(f"model must be 'auto', 'roformer' or 'bert', got {model!r}")
-    try:
-        config = config_from_hf(data, variant=model)
-        config.attention_dropout = 0.0  # bert4keras 0.10.6 has no attention-probability dropout
-        config.pooler_activation = pooler_activation
-        config.__post_init__()
-    except InputError as exc:  # includes CheckpointError
-        raise CheckpointError(f"{cfg_path}: {exc}") from None
-
-    vocab_path = _find_file(directory, ("vocab.txt",), "vocab.txt")
-    try:
-        tokenizer = CharTokenizer.from_file(vocab_path)
-    except ValueError as exc:
-        raise CheckpointError(f"{vocab_path}: {exc}") from None
-    if len(tokenizer) != config.vocab_size:
-        raise CheckpointError(f"{vocab_path} has {len(tokenizer)} tokens but {cfg_path.name} says {config.vocab_size}")
+    config, cfg_path, model = _read_config(directory, kind, model, "bert/embeddings/position_embeddings" in ckpt,
+                                           pooler_activation)
+    tokenizer = _read_tokenizer(directory, config, cfg_path)
 
     notes = []
-    has_lm = any(n.startswith("cls/predictions/") for n in ckpt.names())
-    if not has_lm:
+    if not any(n.startswith("cls/predictions/") for n in ckpt.names()):
         config.with_lm_head = False
         notes.append("the checkpoint has no MLM head (cls/predictions/*): the model cannot generate")
     allow_missing = tuple(allow_missing)
@@ -160,6 +131,54 @@ def import_bert4keras(
         config.extra["bert4keras_file"] = kind
         notes.append(f"read Keras save_weights ({kind}) by bert4keras layer names")
 
+    state, ignored = _read_state(ckpt, config, allow_missing, source, cfg_path)
+    result, report = build_model(config, state, allow_missing=allow_missing, source=source)
+    report.ignored = sorted(set(report.ignored) | set(ignored))
+    report.notes = [*report.notes, *notes]
+    return result.eval(), tokenizer, report
+
+
+def _read_config(directory: Path, kind: str, model: str, has_positions: bool, pooler_activation: str):
+    """``(config, its path, "roformer" or "bert")`` from ``bert_config.json`` ("auto" decides by whether
+    the checkpoint has a position table)."""
+    cfg_path = _find_file(directory, ("bert_config.json", "config.json"), "the model config (bert_config.json)"
+                          + ("; Keras save_weights files hold weights only: put the bert_config.json and vocab.txt "
+                             "of the model you trained beside them" if kind != "release" else ""))
+    data = read_json_object(cfg_path)
+    from rosim.checkpoints.detect import refuse_roformer_v2
+
+    refuse_roformer_v2(cfg_path, data)
+    if data.get("embedding_size", data.get("hidden_size")) != data.get("hidden_size"):
+        raise CheckpointError(f"{cfg_path}: embedding_size != hidden_size (Embedding-Mapping) is not supported")
+    if model == "auto":
+        model = "bert" if has_positions else "roformer"
+    if model not in ("roformer", "bert"):
+        raise CheckpointError(f"model must be 'auto', 'roformer' or 'bert', got {model!r}")
+    try:
+        config = config_from_hf(data, variant=model)
+        config.attention_dropout = 0.0  # bert4keras 0.10.6 has no attention-probability dropout
+        config.pooler_activation = pooler_activation
+        config.__post_init__()
+    except InputError as exc:  # includes CheckpointError
+        raise CheckpointError(f"{cfg_path}: {exc}") from None
+    return config, cfg_path, model
+
+
+def _read_tokenizer(directory: Path, config, cfg_path: Path) -> CharTokenizer:
+    vocab_path = _find_file(directory, ("vocab.txt",), "vocab.txt")
+    try:
+        tokenizer = CharTokenizer.from_file(vocab_path)
+    except ValueError as exc:
+        raise CheckpointError(f"{vocab_path}: {exc}") from None
+    if len(tokenizer) != config.vocab_size:
+        raise CheckpointError(f"{vocab_path} has {len(tokenizer)} tokens but {cfg_path.name} says {config.vocab_size}")
+    return tokenizer
+
+
+def _read_state(ckpt, config, allow_missing: tuple, source, cfg_path: Path) -> tuple[dict[str, torch.Tensor], list]:
+    """Our state dict from the checkpoint's variables (transposed where TF stores kernels (in, out)),
+    after checking that none is unexpected or missing and every shape matches the config; also the
+    variables left out on purpose."""
     names = tf_names(config)
     wanted = {tf: ours for ours, (tf, _) in names.items()}
     unexpected = [n for n in ckpt.names() if n not in wanted and not _IGNORABLE.match(n)]
@@ -169,9 +188,6 @@ def import_bert4keras(
             hint = " (a position table means a BERT checkpoint: use model='bert'; CLI: --model bert)"
         raise CheckpointError(f"{source}: unexpected variables {unexpected}{hint}")
     ignored = [n for n in ckpt.names() if n not in wanted] + list(getattr(ckpt, "ignored", []))
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in RoFormerSim(config).state_dict().items()}
     missing = [tf for ours, (tf, _) in names.items() if tf not in ckpt and not _allowed(ours, allow_missing)]
     if missing:
         raise CheckpointError(
@@ -179,14 +195,15 @@ def import_bert4keras(
             + (" (no position table: is this a RoFormer checkpoint? use model='roformer'; CLI: --model roformer)"
                if "bert/embeddings/position_embeddings" in missing else "")
         )
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in RoFormerSim(config).state_dict().items()}
     state: dict[str, torch.Tensor] = {}
     mismatches = []
     for ours, (tf, transpose) in names.items():
         if tf not in ckpt:
             continue
         entry = ckpt.entry(tf)
-        want = expected[ours]
-        stored = tuple(reversed(want)) if transpose else want
+        stored = tuple(reversed(expected[ours])) if transpose else expected[ours]
         if entry.shape != stored:
             mismatches.append(f"{tf}: checkpoint {entry.shape} vs config {stored}")
             continue
@@ -196,11 +213,7 @@ def import_bert4keras(
         state[ours] = (tensor.t() if transpose else tensor).to(torch.float32).contiguous()
     if mismatches:
         raise CheckpointError(f"{source}: shapes do not match {cfg_path.name}: " + "; ".join(mismatches))
-
-    result, report = build_model(config, state, allow_missing=allow_missing, source=source)
-    report.ignored = sorted(set(report.ignored) | set(ignored))
-    report.notes = [*report.notes, *notes]
-    return result.eval(), tokenizer, report
+    return state, ignored
 
 
 def open_variables(path: Path):
