@@ -5,10 +5,13 @@ Two measurements, each in its own child process (so ``ru_maxrss`` is that step's
 * **encode**: ``rosim index encode`` on the embedded default model over the first N sentences of
   the STS-B/LCQMC test files, as 1 worker with 2 threads vs 2 workers (ranks 0 and 1 of 2) with 1
   thread each, started together: sentences/s of the whole job and each worker's peak RSS.
-* **merge**: ``build_from_shards`` (IVF and IVF-PQ; exact for reference) over synthetic 384-d unit
+* **merge**: ``build_from_shards`` (IVF and IVF-PQ, in memory and with the cells on disk; exact for
+  reference) over synthetic 384-d unit
   vectors written as 1 shard or as 2 shards (the vectors stand in for a model: clustered around
   1000 random centres, as sentence vectors gather by topic): build seconds, peak RSS, recall@10
-  against exact search over 1000 held-out queries, and queries/s (one batch, 2 threads).
+  against exact search over 1000 held-out queries, and queries/s (one batch, 2 threads). The peak
+  RSS of an on-disk build counts the pages of its memory-mapped files that were resident (file
+  cache the kernel can drop), and its queries/s is on a warm page cache (the file was just written).
 
 Usage: python benchmarks/shards.py [--sizes 10000,100000,1000000] [--encode 2000] [--kinds ivf,ivfpq]
 The last stdout line is one JSON object.
@@ -67,8 +70,10 @@ def child(args) -> None:
                           world_size=args.shards, pooling=None, batch_size=4096, show_progress_bar=False)
         out = {}
     else:  # merge
+        kind, _, disk = args.kind.partition("+")  # "ivfpq+disk": cells merged into an on-disk file
         t0 = time.perf_counter()
-        index = build_from_shards(args.out, kind=args.kind, verify=True)
+        index = build_from_shards(args.out, kind=kind, verify=True,
+                                  on_disk=Path(args.out).with_name("ondisk-index") if disk else None)
         build = time.perf_counter() - t0
         queries = np.load(args.queries)
         exact = np.load(args.exact_ids)
@@ -78,7 +83,7 @@ def child(args) -> None:
         qps = len(queries) / (time.perf_counter() - t0)
         recall = float(np.mean([len(set(a[a >= 0]) & set(e)) / 10 for a, e in zip(ids, exact, strict=True)]))
         out = {"build_s": round(build, 2), "qps": round(qps, 1), "recall_at_10": round(recall, 4),
-               "nlist": index.nlist, "pq_m": index.pq_m if args.kind == "ivfpq" else None}
+               "nlist": index.nlist, "pq_m": index.pq_m if kind == "ivfpq" else None}
     out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(out))
 
@@ -134,7 +139,8 @@ def main() -> None:
     ap.add_argument("--n", type=int), ap.add_argument("--shards", type=int)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000, 1_000_000])
-    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["ivf", "ivfpq"])
+    ap.add_argument("--kinds", type=lambda s: s.split(","), default=["ivf", "ivfpq", "ivf+disk", "ivfpq+disk"],
+                    help="'+disk': the cells merged into an on-disk file (index merge --on-disk)")
     ap.add_argument("--encode", type=int, default=2000, help="sentences for the encode scaling (0: skip)")
     ap.add_argument("--tmp", default=None, help="scratch directory (needs ~2 x 1.6 GB per 1M vectors)")
     args = ap.parse_args()
@@ -174,6 +180,7 @@ def main() -> None:
                 import shutil
 
                 shutil.rmtree(out)
+                shutil.rmtree(out.with_name("ondisk-index"), ignore_errors=True)
     emit(record)
 
 
