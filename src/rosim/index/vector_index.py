@@ -240,7 +240,10 @@ class VectorIndex:
             index.hnsw.efConstruction = self.ef_construction
             index.hnsw.efSearch = self.ef_search
             return index
-        codes = f"PQ{self.pq_m}" if self.kind == "ivfpq" else "Flat"
+        # "np": no polysemous training, a code-permutation search (simulated annealing) that only helps
+        # Hamming-distance pre-filtering, which we never use; it was 40 of 44 s of training 10k vectors and
+        # left ids and scores identical (measured)
+        codes = f"PQ{self.pq_m}np" if self.kind == "ivfpq" else "Flat"
         return faiss.index_factory(self.dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT)
 
     @property
