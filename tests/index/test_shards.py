@@ -235,3 +235,11 @@ def test_damaged_shard_texts_are_reported(sim, corpus, tmp_path):
     texts.write_bytes(b"[" + raw[1:])  # same size: read_shard's size check passes, the line does not
     with pytest.raises(DataError, match=rf"texts.jsonl:1 is not a JSON string; delete {shard.path} and run"):
         list_shards(shards)[1].texts()
+
+
+def test_vector_blocks_read_a_shard_in_pieces(sim, corpus, tmp_path):
+    encode_shards(sim, corpus, tmp_path / "shards", shard_size=25)
+    shard = list_shards(tmp_path / "shards")[0]
+    blocks = list(shard.vector_blocks(rows=7))
+    assert [lo for lo, _ in blocks] == [0, 7, 14, 21] and [len(b) for _, b in blocks] == [7, 7, 7, 4]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), shard.vectors())

@@ -16,8 +16,9 @@ redoes exactly the missing shards and skips the finished ones: a shard is whole 
 
 :func:`build_from_shards` checks that every shard is there and that all come from the same corpus,
 model and shard size, trains the IVF cells on a uniform sample drawn across shards, and adds the
-shards one at a time: memory is the index plus one shard. With ``on_disk`` the index's cells never
-sit in memory either: they are merged into one memory-mapped file (faiss' ``OnDiskInvertedLists``).
+shards a block of vectors at a time: memory is the index, the texts and one block. With ``on_disk``
+the index's cells never sit in memory either: they are merged into one memory-mapped file (faiss'
+``OnDiskInvertedLists``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ FORMAT, FORMAT_VERSION = "rosim-shard", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.npy", "texts.jsonl"
 _SHARD_NAME = re.compile(r"^shard-(\d{6})$")
 MAX_SHARD_SIZE = 10_000_000  # texts per shard: its vectors are held in memory while it is encoded
+ADD_ROWS = 1 << 16  # vectors read and added at a time when an index is built from shards
 
 
 def shard_name(index: int) -> str:
@@ -108,6 +110,22 @@ class Shard:
         if x.dtype != np.float32 or x.shape != (self.count, int(self.meta["dim"])):
             raise DataError(f"{path} holds {x.dtype} {x.shape}, meta.json says float32 ({self.count}, {self.meta['dim']})")
         return x
+
+    def vector_blocks(self, rows: int = ADD_ROWS, *, verify: bool = True):
+        """The vectors ``rows`` at a time, read from the file rather than memory-mapped, so that only one
+        block is ever resident."""
+        header = self.vectors(verify=verify, mmap=True)  # checks dtype and shape
+        offset, dim = header.offset, header.shape[1]
+        del header
+        with open(self.path / VECTORS_FILE, "rb") as f:
+            for lo in range(0, self.count, rows):
+                n = min(rows, self.count - lo)
+                f.seek(offset + lo * dim * 4)
+                block = np.fromfile(f, dtype=np.float32, count=n * dim)
+                if block.size != n * dim:
+                    raise DataError(f"{self.path / VECTORS_FILE} ended early; delete {self.path} and run the encode "
+                                    "command again to redo it")
+                yield lo, block.reshape(n, dim)
 
     def texts(self) -> list[str]:
         return read_texts_jsonl(self.path / TEXTS_FILE, self.count,
@@ -296,14 +314,17 @@ def build_from_shards(shard_dir: str | os.PathLike, *, kind: str = "ivf", train_
     if on_disk is not None:
         return _merge_on_disk(index, shards, Path(on_disk), verify)
     for s in shards:
-        index.add(s.texts(), s.vectors(verify=verify))
+        texts = s.texts()
+        for lo, block in s.vector_blocks(verify=verify):
+            index.add(texts[lo:lo + len(block)], block)
     return index
 
 
 def _merge_on_disk(index: VectorIndex, shards: list[Shard], out_dir: Path, verify: bool) -> VectorIndex:
     """Each shard is added to a copy of the trained (empty) index with ids ``first .. first + count - 1``
     and written as a faiss file; faiss then concatenates the shards' lists cell by cell into one
-    ``OnDiskInvertedLists`` file, reading the shard files memory-mapped. Memory: one shard's vectors."""
+    ``OnDiskInvertedLists`` file, reading the shard files memory-mapped. Memory: one shard's cells
+    (its codes, for ivfpq) plus one block of vectors."""
     from faiss.contrib.ondisk import merge_ondisk
 
     from rosim.textio import atomic_directory
@@ -313,12 +334,12 @@ def _merge_on_disk(index: VectorIndex, shards: list[Shard], out_dir: Path, verif
         parts, first = [], 0
         for s in shards:
             part = faiss.clone_index(index._index)
-            vectors = index._check_vectors(s.vectors(verify=verify))
-            part.add_with_ids(vectors, np.arange(first, first + len(vectors), dtype=np.int64))
+            for _, block in s.vector_blocks(verify=verify):
+                part.add_with_ids(index._check_vectors(block), np.arange(first, first + len(block), dtype=np.int64))
+                first += len(block)
             parts.append(tmp / f"cells-{s.meta['shard']:06d}.faiss")
             faiss.write_index(part, str(parts[-1]))
-            first += len(vectors)
-            del part, vectors
+            del part
         with faiss_stdout_silenced():
             merge_ondisk(index._index, [str(p) for p in parts], str(tmp / IVFDATA_FILE))
         for p in parts:
