@@ -67,6 +67,13 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def rss_now_mib() -> dict:
+    """Resident memory now, split into anonymous (the process' own) and file-backed (memory-mapped
+    files: page cache the kernel can drop) pages."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return {k: round(int(fields[f"Rss{k.capitalize()}"].split()[0]) / 1024, 1) for k in ("anon", "file")}
+
+
 def child(args) -> None:
     """One step in this process; prints a JSON line with the step's result and peak RSS."""
     os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -94,6 +101,7 @@ def child(args) -> None:
         out = {"build_s": round(build, 2), "qps": round(qps, 1), "recall_at_10": round(recall, 4),
                "nlist": index.nlist, "pq_m": index.pq_m if kind == "ivfpq" else None}
     out["peak_rss_mib"] = peak_rss_mib()
+    out["rss_at_end_mib"] = rss_now_mib()
     print(json.dumps(out))
 
 
@@ -183,7 +191,8 @@ def main() -> None:
                     r = run_child("--step", "merge", "--out", out, "--kind", kind, "--queries", tmp / "q.npy",
                                   "--exact-ids", tmp / "exact.npy", "--dim", args.dim)
                     record[f"n{n}_{shards}shard_{kind}"] = r
-                    print(f"n={n:>9,} {shards} shard(s) {kind:>6}: build {r['build_s']:7.2f} s  peak {r['peak_rss_mib']:8.1f} MiB"
+                    print(f"n={n:>9,} {shards} shard(s) {kind:>10}: build {r['build_s']:6.2f} s  peak {r['peak_rss_mib']:7.1f} MiB"
+                          f" (end: anon {r['rss_at_end_mib']['anon']:7.1f}, file {r['rss_at_end_mib']['file']:7.1f})"
                           f"  {r['qps']:9.1f} q/s  recall@10 {r['recall_at_10']:.3f}  nlist={r['nlist']} pq_m={r['pq_m']}",
                           flush=True)
                 import shutil

@@ -243,3 +243,4 @@ def test_vector_blocks_read_a_shard_in_pieces(sim, corpus, tmp_path):
     blocks = list(shard.vector_blocks(rows=7))
     assert [lo for lo, _ in blocks] == [0, 7, 14, 21] and [len(b) for _, b in blocks] == [7, 7, 7, 4]
     np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), shard.vectors())
+    np.testing.assert_array_equal(shard.rows(np.array([0, 3, 24])), shard.vectors()[[0, 3, 24]])

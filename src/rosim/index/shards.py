@@ -127,6 +127,19 @@ class Shard:
                                     "command again to redo it")
                 yield lo, block.reshape(n, dim)
 
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """The vectors at ``indices``, each read from the file: no other page is brought into memory (a
+        memory-mapped gather would read ahead around each row and so page in most of the file)."""
+        header = self.vectors(verify=False, mmap=True)  # checks dtype and shape
+        offset, dim = header.offset, header.shape[1]
+        del header
+        size = dim * 4
+        out = np.empty((len(indices), dim), dtype=np.float32)
+        with open(self.path / VECTORS_FILE, "rb", buffering=0) as f:
+            for i, row in enumerate(indices):
+                out[i] = np.frombuffer(os.pread(f.fileno(), size, offset + int(row) * size), dtype=np.float32)
+        return out
+
     def texts(self) -> list[str]:
         return read_texts_jsonl(self.path / TEXTS_FILE, self.count,
                                 damaged=f"; delete {self.path} and run the encode command again to redo it")
@@ -309,7 +322,7 @@ def build_from_shards(shard_dir: str | os.PathLike, *, kind: str = "ivf", train_
         for s, lo, hi in zip(shards, starts[:-1], starts[1:], strict=True):
             rows = picks[(picks >= lo) & (picks < hi)] - lo
             if len(rows):
-                sample.append(np.asarray(s.vectors(verify=False, mmap=True)[rows]))
+                sample.append(s.rows(rows))
         index.train(np.concatenate(sample), expected_total=total)
     if on_disk is not None:
         return _merge_on_disk(index, shards, Path(on_disk), verify)
