@@ -54,6 +54,17 @@ def load_tiny(delay_s: float = 0.0) -> SimModel:
     return sim
 
 
+class _Deaf:
+    """A model whose generation never runs a forward pass, so it never sees a cancel: sleeps 60 s."""
+
+    def similar(self, texts, **kw):
+        time.sleep(60)
+
+
+def load_deaf() -> _Deaf:
+    return _Deaf()
+
+
 @pytest.fixture(scope="session")
 def sim() -> SimModel:
     model, tok = tiny_model()

@@ -69,6 +69,8 @@ class GenerationProcess:
         self._status = "stopped"  # starting | ready | restarting | failed | stopped
         self._failure = ""
         self._closing = False
+        self._stuck: set[int] = set()  # pids killed for not stopping a cancelled call
+        # calls answered, calls stopped early (cancelled), unexpected deaths, children started again
         self.counters = {"calls": 0, "cancelled": 0, "crashes": 0, "restarts": 0}
 
     # ------------------------------------------------------------------ lifecycle
@@ -114,9 +116,12 @@ class GenerationProcess:
         with self._lock:
             if self._proc is not proc or self._closing:
                 return
-            self.counters["crashes"] += 1
+            if proc.pid in self._stuck:
+                self._stuck.discard(proc.pid)
+            else:
+                self.counters["crashes"] += 1
+                log.error("the generation process stopped (exit code %s); starting it again", proc.exitcode)
             self.counters["restarts"] += 1
-            log.error("the generation process stopped (exit code %s); starting it again", proc.exitcode)
             self._spawn_locked("restarting")
 
     def close(self, timeout: float = 10.0) -> None:
@@ -185,7 +190,7 @@ class GenerationProcess:
             asked_to_stop: float | None = None
             while True:
                 watching = cancel is not None and asked_to_stop is None
-                ready = wait([conn, proc.sentinel], 0.05 if watching or asked_to_stop else None)
+                ready = wait([conn, proc.sentinel], 0.05 if watching or asked_to_stop is not None else None)
                 if conn in ready:
                     try:
                         kind, answered, payload = conn.recv()
@@ -209,6 +214,7 @@ class GenerationProcess:
                 elif asked_to_stop is not None and time.monotonic() - asked_to_stop > self.cancel_grace_s:
                     log.error("the generation process did not stop a cancelled call within %g s: killing it",
                               self.cancel_grace_s)
+                    self._stuck.add(proc.pid)
                     proc.kill()  # the watcher starts another
 
     def _lost(self, proc) -> GenerationUnavailable:
@@ -245,7 +251,10 @@ def _child_main(conn, load: Callable, threads: int, cancel, parent_pid: int) -> 
     module = getattr(model, "model", None)
     if isinstance(module, torch.nn.Module):
         module.register_forward_pre_hook(check)
-    conn.send(("ready", 0, None))
+    try:
+        conn.send(("ready", 0, None))
+    except (OSError, ValueError):  # closed while loading
+        return
     while True:
         try:
             message = conn.recv()
