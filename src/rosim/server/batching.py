@@ -248,7 +248,7 @@ class MicroBatcher:
         finally:
             took = time.perf_counter() - start
             self.stats.busy_s += took
-            if complete or cancel is None or not cancel.is_set():  # a call cut short says nothing of the speed
+            if complete:  # a call that failed or was cut short says little of the speed
                 rate = took / max(cost, 1)
                 old = self.seconds_per_cost
                 self.seconds_per_cost = rate if old is None else 0.7 * old + 0.3 * rate
