@@ -100,6 +100,8 @@ class GenerationProcess:
                 message = conn.recv()
             except (EOFError, OSError):
                 pass
+        if message is None and proc.sentinel in ready:
+            proc.join(1)  # its exit code
         with self._lock:
             if self._proc is not proc or self._closing:
                 return
@@ -224,8 +226,9 @@ class GenerationProcess:
 
 
 # ---------------------------------------------------------------------- the child
-class _Stop(Exception):
-    """Raised inside the model's forward pass: the call in progress is to stop."""
+class _Stop(BaseException):
+    """Raised inside the model's forward pass: the call in progress is to stop (a BaseException, so
+    that no ``except Exception`` on the way out of the model holds it)."""
 
 
 def _child_main(conn, load: Callable, threads: int, cancel, parent_pid: int) -> None:
@@ -280,8 +283,12 @@ def _child_main(conn, load: Callable, threads: int, cancel, parent_pid: int) -> 
 
 
 def _picklable(exc: Exception) -> Exception:
+    """``exc`` with the child's traceback as a note (the parent logs it), or a RuntimeError saying what
+    it was when it does not pickle."""
     import pickle
+    import traceback
 
+    exc.add_note("in the generation process:\n" + "".join(traceback.format_tb(exc.__traceback__)).rstrip())
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
