@@ -123,8 +123,8 @@ class GenerationProcess:
             else:
                 self.counters["crashes"] += 1
                 log.error("the generation process stopped (exit code %s); starting it again", proc.exitcode)
-            self.counters["restarts"] += 1
             self._spawn_locked("restarting")
+            self.counters["restarts"] += 1
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop the child (and never start it again)."""
