@@ -86,6 +86,7 @@ def create_app(
                   summary="RoFormer-Sim: encode, compare, generate and retrieve similar Chinese sentences.",
                   docs_url=None, redoc_url=None)  # FastAPI's Swagger UI and ReDoc need a CDN: blank offline
     app.state.limits, app.state.model, app.state.index, app.state.batchers = limits, model, index, queues.all
+    app.state.generation = generation
     install_error_handlers(app)
     add_model_routes(app, queues, build_request_models(limits), index, key_schemes(key))
     add_service_routes(app, identity=model.identity(), index=index, auth_required=key is not None, limits=limits,
