@@ -27,9 +27,11 @@ control on) gets 16, then 32, then 64 concurrent clients for D seconds each (def
 7 of every 8 clients post /similar (n=100, k=5, as in the issue; quick n=20) and the rest /encode,
 back to back, with a 30 s client timeout, and honour Retry-After after a 503 (as a polite client does).
 Reported per level and endpoint: p50/p95/p99 of the answered requests, counts of 200 / 503 / other /
-client timeouts, the slowest 503, the server's peak RSS, and how long the server kept computing
-after the clients stopped. Last line: JSON with `ok` true when every request was answered 200 or
-got a 503 within 1 s, no client timed out, and /encode p99 stayed under 0.5 s at every level.
+client timeouts, the slowest 503, the server's peak RSS (its generation process included), and how
+long the server kept computing after the clients stopped. Generation runs in the server's generation
+process (`rosim serve`'s default); the JSON also gives that process's counters (calls, calls stopped
+early, crashes). Last line: JSON with `ok` true when every request was answered 200 or got a 503
+within 1 s, no client timed out, and /encode p99 stayed under 0.5 s at every level.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class Server:
         if not batching:
             cmd.append("--no-batching")
         if threads:
-            cmd += ["--threads", str(threads)]
+            cmd += ["--threads", str(threads), "--generation-threads", str(threads)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -155,21 +157,25 @@ CLIENT_TIMEOUT_S = 30.0
 
 
 class RssSampler:
-    """The server's peak resident memory, sampled every 0.2 s in a thread."""
+    """The server's peak resident memory (its processes' together), sampled every 0.2 s in a thread."""
 
-    def __init__(self, pid: int):
+    def __init__(self, *pids: int):
         import threading
 
-        self.pid, self.peak, self._stop = pid, rss_mb(pid), threading.Event()
+        self.pids, self._stop = pids, threading.Event()
+        self.peak = self._total()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             try:
-                self.peak = max(self.peak, rss_mb(self.pid))
+                self.peak = max(self.peak, self._total())
             except OSError:
                 return
+
+    def _total(self) -> float:
+        return sum(rss_mb(pid) for pid in self.pids)
 
     def stop(self) -> float:
         self._stop.set()
@@ -227,7 +233,7 @@ def overload_main(args) -> None:
     if model_dir is not None:
         cmd += ["--model", str(model_dir)]
     if args.threads:
-        cmd += ["--threads", str(args.threads)]
+        cmd += ["--threads", str(args.threads), "--generation-threads", str(args.threads)]
     port = free_port()
     cmd[cmd.index("0")] = str(port)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -235,7 +241,8 @@ def overload_main(args) -> None:
     server.port, server.base, server.proc = port, f"http://127.0.0.1:{port}", proc
     print(f"model: {model_dir or 'embedded default'}; levels {OVERLOAD_LEVELS} clients x {duration:g} s; "
           f"/similar n={n} k=5 for 7 of 8 clients, /encode one text for the rest; client timeout "
-          f"{CLIENT_TIMEOUT_S:g} s; {args.threads} torch thread(s) per model thread; {os.cpu_count()} CPUs",
+          f"{CLIENT_TIMEOUT_S:g} s; {args.threads} torch thread(s) for encoding and {args.threads} in the generation "
+          f"process; {os.cpu_count()} CPUs",
           flush=True)
     levels: dict[str, dict] = {}
     ok = True
@@ -246,7 +253,8 @@ def overload_main(args) -> None:
         for clients in OVERLOAD_LEVELS:
             n_encode = max(2, clients // 8)
             plan = [("/encode", encode)] * n_encode + [("/similar", similar)] * (clients - n_encode)
-            sampler = RssSampler(proc.pid)
+            child = (server.health().get("generation") or {}).get("pid")
+            sampler = RssSampler(proc.pid, *([child] if child else []))
             res = asyncio.run(mixed_load(server.base, plan, duration, seed=clients))
             t_end = time.perf_counter()
             while True:  # how long the server keeps computing once every client has its answer
@@ -271,10 +279,11 @@ def overload_main(args) -> None:
             ok &= enc_p99 is not None and enc_p99 < 500
             print(f"{clients:3d} clients: server RSS peak {peak:.0f} MB; idle {drain_s:.2f} s after the load", flush=True)
             levels[str(clients)] = level
-        health = server.health()["batching"]
+        full = server.health()
+        health, generation = full["batching"], full.get("generation")
     finally:
         server.stop()
-    emit({"bench": "serve_overload", "ok": bool(ok), "duration_s": duration, "similar_n": n,
+    emit({"bench": "serve_overload", "generation": generation, "ok": bool(ok), "duration_s": duration, "similar_n": n,
           "client_timeout_s": CLIENT_TIMEOUT_S, "wall_s": round(time.perf_counter() - t_start, 1),
           "rejected": {k: v["rejected"] for k, v in health.items() if isinstance(v, dict)},
           "dropped": {k: v["dropped"] for k, v in health.items() if isinstance(v, dict)},

@@ -44,6 +44,27 @@ class InstrumentedModel:
         return self.model.name
 
 
+def load_tiny(delay_s: float = 0.0) -> SimModel:
+    """The ``sim`` fixture's model, as a generation process loads it (``delay_s``: every forward pass,
+    so every decoding step, sleeps that long first)."""
+    model, tok = tiny_model()
+    sim = SimModel(model, tok, name="tiny-test")
+    if delay_s:
+        sim.model.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+    return sim
+
+
+class _Deaf:
+    """A model whose generation never runs a forward pass, so it never sees a cancel: sleeps 60 s."""
+
+    def similar(self, texts, **kw):
+        time.sleep(60)
+
+
+def load_deaf() -> _Deaf:
+    return _Deaf()
+
+
 @pytest.fixture(scope="session")
 def sim() -> SimModel:
     model, tok = tiny_model()

@@ -62,6 +62,12 @@ def test_serve_process_answers_and_stops(checkpoint, index_dir):
         assert health["auth_required"] is True and health["limits"]["max_texts"] == 3
         assert health["model"]["name"] == str(checkpoint.resolve())
         assert health["index"]["size"] == len(SENTENCES)
+        # generation runs in its own process, ready before the server answers
+        child = health["generation"]
+        assert child["mode"] == "process" and child["status"] == "ready" and child["pid"] not in (None, proc.pid)
+        r = httpx.post(f"{base}/similar", json={"texts": "今天天气不错", "n": 4, "k": 2, "max_new_tokens": 4},
+                       headers={"X-API-Key": "k3y"}, timeout=60)
+        assert r.status_code == 200 and len(r.json()["results"][0]["similar"]) <= 2
         r = httpx.post(f"{base}/search", json={"texts": "电影不错", "k": 2}, headers={"X-API-Key": "k3y"})
         assert r.json()["results"][0]["neighbors"][0]["text"] == "电影不错"
         assert httpx.post(f"{base}/encode", json={"texts": ["今天"]}).status_code == 401
@@ -78,6 +84,8 @@ def test_serve_process_answers_and_stops(checkpoint, index_dir):
             proc.kill()
             out, err = proc.communicate()
     assert proc.returncode == 0, err
+    with pytest.raises(ProcessLookupError):  # the generation process stopped with the server: no orphan
+        os.kill(child["pid"], 0)
     assert f"serving {checkpoint.resolve()} on http://127.0.0.1:{port}/ (docs at /docs), /search on" in err
 
 
@@ -89,10 +97,13 @@ def test_serve_rejects_bad_options(checkpoint, capsys):
     assert main(["serve", "--model", str(checkpoint / "missing")]) == 2
     assert main(["serve", "--model", str(checkpoint), "--index", str(checkpoint / "no-index")]) == 2
     assert "index directory not found" in capsys.readouterr().err
+    assert main(["serve", "--model", str(checkpoint), "--generation", "fork"]) == 2
+    assert "--generation must be 'process' or 'thread'" in capsys.readouterr().err
 
 
 def test_serve_help_lists_the_options(capsys):
     assert main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
-    for option in ("--model", "--index", "--host", "--port", "--api-key", "--no-batching", "--max-wait-ms"):
+    for option in ("--model", "--index", "--host", "--port", "--api-key", "--no-batching", "--max-wait-ms",
+                   "--generation", "--generation-threads"):
         assert option in out

@@ -44,21 +44,26 @@ def serve(
     timeout: Annotated[float, typer.Option(help="seconds a request may wait for its result before 504")] = 60.0,
     header_timeout: Annotated[float, typer.Option(help="seconds a client has to send its request headers")] = 10.0,
     body_timeout: Annotated[float, typer.Option(help="seconds a client has to send its request body (then 408)")] = 10.0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per model thread (there are two: generation, "
-                                                     "and encoding; default: half the CPUs each)")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads for encoding (and for generation with "
+                                                     "--generation thread); default: half the CPUs")] = None,
+    generation: Annotated[str, typer.Option(help="where /similar generates: 'process' (its own process, so that "
+                                                 "/encode never waits for its interpreter lock) or 'thread'")] = "process",
+    generation_threads: Annotated[int | None, typer.Option(help="torch CPU threads of the generation process "
+                                                                "(default: the other half of the CPUs)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
 ) -> None:
     """Serve the HTTP API (/encode, /similarity, /similar, /search, /health, /docs) and the demo page at /."""
-    import uvicorn
-
     from rosim.cli.inference import load_model
     from rosim.server import Limits, create_app
-    from rosim.server.protocol import header_timeout_protocol
 
     if not 0 <= port <= 65535:
         raise InputError(f"--port must be 0..65535, got {port}")
     if threads is not None and threads <= 0:
         raise InputError(f"--threads must be positive, got {threads}")
+    if generation_threads is not None and generation_threads <= 0:
+        raise InputError(f"--generation-threads must be positive, got {generation_threads}")
+    if generation not in ("process", "thread"):
+        raise InputError(f"--generation must be 'process' or 'thread', got {generation!r}")
     if not (header_timeout > 0 and body_timeout > 0):
         raise InputError("--header-timeout and --body-timeout must be positive")
     try:
@@ -68,9 +73,10 @@ def serve(
         raise InputError(str(exc)) from None
     import torch
 
-    # two model threads (generation, and the short encode calls) share the cores
-    torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) // 2))
-    # the event loop and the encode thread take the GIL back from generation's Python steps sooner
+    # generation (a process or a thread) and the short encode calls share the cores: half each by default
+    half = max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(threads or half)
+    # the event loop and the encode thread take the GIL back from other Python work sooner
     sys.setswitchinterval(0.001)
     if max_batch <= 0 or max_batch_rows <= 0 or max_wait_ms < 0:
         raise InputError("--max-batch and --max-batch-rows must be positive and --max-wait-ms >= 0")
@@ -83,13 +89,33 @@ def serve(
     if not _is_loopback(host) and not api_key:
         typer.echo(f"rosim: warning: serving on {host} without --api-key: anyone who can reach this "
                    "address can use the model", err=True)
-    app = create_app(sim, idx, api_key=api_key, max_batch=max_batch, max_batch_rows=max_batch_rows,
-                     max_wait_ms=max_wait_ms, batching=not no_batching, limits=limits)
-    sock = _bind(host, port)  # before announcing anything: a busy port is one line, not a traceback
-    port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"rosim: serving {sim.name} on http://{shown}:{port}/ (docs at /docs)"
-               + (", /search on" if idx is not None else ""), err=True)
+    sock = _bind(host, port)  # before starting anything: a busy port is one line, not a traceback
+    generator = None
+    try:
+        if generation == "process":
+            from rosim.server.generation import GenerationProcess, model_loader
+
+            generator = GenerationProcess(model_loader(model), threads=generation_threads or half)
+            generator.start()
+            if not generator.wait_ready():
+                raise RosimError(f"the generation process could not start: {generator.failure}")
+        app = create_app(sim, idx, api_key=api_key, max_batch=max_batch, max_batch_rows=max_batch_rows,
+                         max_wait_ms=max_wait_ms, batching=not no_batching, limits=limits, generation=generator)
+        shown = f"[{host}]" if ":" in host else host
+        typer.echo(f"rosim: serving {sim.name} on http://{shown}:{sock.getsockname()[1]}/ (docs at /docs)"
+                   + (", /search on" if idx is not None else ""), err=True)
+        _run(app, sock, log_level=log_level, header_timeout=header_timeout, max_queue=max_queue)
+    finally:
+        sock.close()
+        if generator is not None:
+            generator.close()  # no orphan: the child is stopped however the server ends
+
+
+def _run(app, sock: socket.socket, *, log_level: str, header_timeout: float, max_queue: int) -> None:
+    import uvicorn
+
+    from rosim.server.protocol import header_timeout_protocol
+
     # uvicorn answers 503 itself beyond limit_concurrency open requests: a second bound before the queues'
     config = uvicorn.Config(app, log_level=log_level, limit_concurrency=3 * max_queue + 64, timeout_keep_alive=5,
                             timeout_graceful_shutdown=10, http=header_timeout_protocol(header_timeout),
@@ -99,8 +125,6 @@ def serve(
         server.run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: a clean stop
         pass
-    finally:
-        sock.close()
     if not server.started:
         raise RosimError("the server did not start (see uvicorn's message above)")
 

@@ -15,7 +15,12 @@ it and its own would take longer than ``max_queue_s`` at the speed measured on r
 (seconds per unit of cost, a moving average; an idle batcher accepts any job); before the first
 call has been measured, at most one call's worth of cost may wait. A job whose
 caller has gone (its future cancelled: a client that disconnected, or a request past its deadline)
-is dropped before it reaches the model.
+is dropped before it reaches the model. ``unavailable()``, when given, refuses every job while the
+model cannot take any (generation restarting after a crash).
+
+With ``cancellable=True`` the run function gets a third argument, a :class:`threading.Event` set
+when every job of the call in progress has lost its caller: a run that can stop early (generation
+in its own process) then raises :class:`CallCancelled`.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import math
+import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor
@@ -35,9 +41,15 @@ RunFn = Callable[[Hashable, list[Any]], Sequence[Any]]
 class QueueFull(Exception):
     """More work is waiting than the batcher accepts; the server answers 503 with ``Retry-After``."""
 
+    code = "busy"
+
     def __init__(self, message: str, retry_after_s: float = 1.0):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class CallCancelled(Exception):
+    """A model call stopped before its end because every request in it had gone."""
 
 
 @dataclass
@@ -77,7 +89,8 @@ class MicroBatcher:
 
     def __init__(self, run: RunFn, executor: Executor, *, max_batch: int = 64, max_wait_ms: float = 5.0,
                  enabled: bool = True, max_queue: int = 256, max_queue_s: float | None = None,
-                 name: str = "batcher"):
+                 name: str = "batcher", cancellable: bool = False,
+                 unavailable: Callable[[], QueueFull | None] | None = None):
         if max_batch <= 0:
             raise ValueError(f"max_batch must be positive, got {max_batch}")
         if max_wait_ms < 0:
@@ -87,6 +100,7 @@ class MicroBatcher:
         self.run, self.executor, self.name = run, executor, name
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
         self.enabled, self.max_queue, self.max_queue_s = enabled, max_queue, max_queue_s
+        self.cancellable, self.unavailable = cancellable, unavailable
         self.stats = BatchStats()
         self.seconds_per_cost: float | None = None  # moving average over model calls
         self._running_until = 0.0  # monotonic time the call in progress is expected to end
@@ -134,6 +148,10 @@ class MicroBatcher:
         return None
 
     def _admit(self, cost: int) -> None:
+        down = self.unavailable() if self.unavailable is not None else None
+        if down is not None:
+            self.stats.rejected += 1
+            raise down
         waiting = sum(1 for j in self._pending if not j.future.done())
         if waiting >= self.max_queue:
             self._reject(f"{waiting} requests are already waiting for the model", 1.0)
@@ -220,16 +238,20 @@ class MicroBatcher:
         self._pending = rest
         return taken
 
-    def _timed(self, key: Hashable, items: list[Any], cost: int) -> Sequence[Any]:
+    def _timed(self, key: Hashable, items: list[Any], cost: int, cancel: threading.Event | None) -> Sequence[Any]:
         start = time.perf_counter()
+        complete = False
         try:
-            return self.run(key, items)
+            results = self.run(key, items) if cancel is None else self.run(key, items, cancel)
+            complete = True
+            return results
         finally:
             took = time.perf_counter() - start
             self.stats.busy_s += took
-            rate = took / max(cost, 1)
-            old = self.seconds_per_cost
-            self.seconds_per_cost = rate if old is None else 0.7 * old + 0.3 * rate
+            if complete:  # a call that failed or was cut short says little of the speed
+                rate = took / max(cost, 1)
+                old = self.seconds_per_cost
+                self.seconds_per_cost = rate if old is None else 0.7 * old + 0.3 * rate
 
     async def _run_jobs(self, loop: asyncio.AbstractEventLoop, key: Hashable, jobs: list[_Job]) -> None:
         flat = [item for job in jobs for item in job.items]
@@ -239,12 +261,14 @@ class MicroBatcher:
         self.stats.largest_call = max(self.stats.largest_call, len(jobs))
         if self.seconds_per_cost is not None:
             self._running_until = time.monotonic() + cost * self.seconds_per_cost
+        cancel = self._cancel_when_abandoned(jobs) if self.cancellable else None
         try:
-            results = await loop.run_in_executor(self.executor, self._timed, key, flat, cost)
+            results = await loop.run_in_executor(self.executor, self._timed, key, flat, cost, cancel)
         except Exception as exc:
-            if len(jobs) == 1:
-                if not jobs[0].future.done():
-                    jobs[0].future.set_exception(exc)
+            if len(jobs) == 1 or isinstance(exc, QueueFull | CallCancelled):  # no use trying each job alone
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
                 return
             for job in jobs:  # isolate the failure: each job alone
                 if not job.future.done():
@@ -262,3 +286,20 @@ class MicroBatcher:
             offset += len(job.items)
             if not job.future.done():
                 job.future.set_result(part)
+
+    @staticmethod
+    def _cancel_when_abandoned(jobs: list[_Job]) -> threading.Event:
+        """An event set once every job's future has been cancelled (all their callers have gone)."""
+        cancel = threading.Event()
+        left = len(jobs)
+
+        def gone(future: asyncio.Future) -> None:
+            nonlocal left
+            if future.cancelled():
+                left -= 1
+                if left == 0:
+                    cancel.set()
+
+        for job in jobs:
+            job.future.add_done_callback(gone)
+        return cancel
