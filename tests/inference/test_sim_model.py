@@ -397,3 +397,16 @@ def test_similar_ranks_the_same_with_fluency_from_the_decoder(sim, monkeypatch):
     slow = sim.similar(texts, n=30, k=10, seed=3, max_new_tokens=12, min_fluency=-4.0)
     assert [[c.text for c in r] for r in fast] == [[c.text for c in r] for r in slow]
     np.testing.assert_allclose([c.score for r in fast for c in r], [c.score for r in slow for c in r], atol=1e-6)
+
+
+def test_top_p_of_one_samples_the_whole_distribution():
+    """top_p=1 keeps every token: no candidate width applies and every row takes the full path
+    (5780a64 raised ValueError from a strict zip there: a 500 over HTTP)."""
+    from rosim.inference.sampling import sample_top_p
+
+    logits = torch.randn(50, 300, generator=torch.Generator().manual_seed(0))
+    got = sample_top_p(logits, 1.0, generator=torch.Generator().manual_seed(1))
+    want = sample(filter_logits(logits, top_p=1.0), torch.Generator().manual_seed(1))
+    assert torch.equal(got, want)
+    sim = SimModel(*tiny_model(seed=3))
+    assert len(sim.similar("今天天气不错", 6, 3, top_p=1.0, seed=1, max_new_tokens=4)) == 3
