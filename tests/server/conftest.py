@@ -45,12 +45,12 @@ class InstrumentedModel:
 
 
 def load_tiny(delay_s: float = 0.0) -> SimModel:
-    """The ``sim`` fixture's model, as a generation process loads it (``delay_s``: every forward pass,
-    so every decoding step, sleeps that long first)."""
+    """The ``sim`` fixture's model, as a generation process loads it (``delay_s``: every forward pass
+    and every decoding step sleeps that long first; both run the embeddings)."""
     model, tok = tiny_model()
     sim = SimModel(model, tok, name="tiny-test")
     if delay_s:
-        sim.model.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
+        sim.model.embeddings.register_forward_pre_hook(lambda module, args: time.sleep(delay_s))
     return sim
 
 

@@ -4,9 +4,9 @@ interpreter lock while ``/encode`` runs here.
 :class:`GenerationProcess` starts a child with the ``spawn`` context; the child loads the model itself
 (``load()``, e.g. the same checkpoint directory) on ``threads`` torch threads and answers one call at
 a time over a pipe. A call whose requests have all gone is stopped inside the model: the child checks
-a shared cancel flag before every forward pass (every decoding step), through a forward pre-hook on
-the model. A child that dies is started again; the calls it had (and any made before it is ready)
-fail at once with :class:`GenerationUnavailable` (503 + Retry-After). ``close()`` stops the child;
+a shared cancel flag before every forward pass and every decoding step, through a forward pre-hook
+on the model's embeddings (which both run). A child that dies is started again; the calls it had
+(and any made before it is ready) fail at once with :class:`GenerationUnavailable` (503 + Retry-After). ``close()`` stops the child;
 it also exits by itself when this process goes away.
 """
 
@@ -251,8 +251,8 @@ def _child_main(conn, load: Callable, threads: int, cancel, parent_pid: int) -> 
         if cancel.value in (current["call"], -1) or os.getppid() != parent_pid:
             raise _Stop
 
-    module = getattr(model, "model", None)
-    if isinstance(module, torch.nn.Module):
+    module = _per_step_module(getattr(model, "model", None))
+    if module is not None:
         module.register_forward_pre_hook(check)
     try:
         conn.send(("ready", 0, None))
@@ -280,6 +280,18 @@ def _child_main(conn, load: Callable, threads: int, cancel, parent_pid: int) -> 
             conn.send(reply)
         except (OSError, ValueError):
             return
+
+
+def _per_step_module(model):
+    """The submodule called once per forward pass and once per decoding step: the embeddings (the
+    cached decoder calls ``decode_step``, not ``forward``, so a hook on the model itself would not see
+    the steps); the model itself when it has none."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return None
+    embeddings = getattr(model, "embeddings", None)
+    return embeddings if isinstance(embeddings, torch.nn.Module) else model
 
 
 def _picklable(exc: Exception) -> Exception:
