@@ -25,6 +25,7 @@ from multiprocessing.connection import wait
 from rosim.server.batching import CallCancelled, QueueFull
 
 log = logging.getLogger("rosim.server")
+CHILD_NICENESS = 5  # added to the generation process' niceness (lower CPU priority than the server)
 
 
 class GenerationUnavailable(QueueFull):
@@ -237,6 +238,10 @@ def _child_main(conn, load: Callable, threads: int, cancel, parent_pid: int) -> 
     import torch
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the server, which stops this child
+    try:  # when cores are short, the server's event loop and encoding go first: they answer in milliseconds
+        os.nice(CHILD_NICENESS)
+    except OSError:
+        pass
 
     torch.set_num_threads(threads)
     try:
