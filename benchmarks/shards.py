@@ -12,6 +12,8 @@ Two measurements, each in its own child process (so its VmHWM is that step's pea
   against exact search over 1000 held-out queries, and queries/s (one batch, 2 threads). The peak
   RSS of an on-disk build counts the pages of its memory-mapped files that were resident (file
   cache the kernel can drop), and its queries/s is on a warm page cache (the file was just written).
+* **load**: what a search machine holds: each index saved, then loaded in a fresh process
+  (``verify=False``), 1,000 queries answered and their top texts read: load seconds and memory.
 
 Usage: python benchmarks/shards.py [--sizes 10000,100000,1000000] [--encode 2000] [--kinds ivf,ivfpq]
 The last stdout line is one JSON object.
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,7 +88,7 @@ def child(args) -> None:
             encode_shards(enc, args.corpus, args.out, shard_size=-(-args.n // args.shards), rank=rank,
                           world_size=args.shards, pooling=None, batch_size=4096, show_progress_bar=False)
         out = {}
-    else:  # merge
+    elif args.step == "merge":
         kind, _, disk = args.kind.partition("+")  # "ivfpq+disk": cells merged into an on-disk file
         t0 = time.perf_counter()
         index = build_from_shards(args.out, kind=kind, verify=True,
@@ -100,6 +103,17 @@ def child(args) -> None:
         recall = float(np.mean([len(set(a[a >= 0]) & set(e)) / 10 for a, e in zip(ids, exact, strict=True)]))
         out = {"build_s": round(build, 2), "qps": round(qps, 1), "recall_at_10": round(recall, 4),
                "nlist": index.nlist, "pq_m": index.pq_m if kind == "ivfpq" else None}
+        if args.save and not disk:
+            index.save(args.save)
+    elif args.step == "load":  # what a search machine holds: the saved index loaded, 1,000 queries answered
+        from rosim.index import VectorIndex
+
+        t0 = time.perf_counter()
+        index = VectorIndex.load(args.out, verify=False)
+        load = time.perf_counter() - t0
+        _, ids = index.search(np.load(args.queries), 10)
+        hits = [index.texts[int(j)] for j in ids[:, 0]]
+        out = {"load_s": round(load, 2), "hits": len(hits)}
     out["peak_rss_mib"] = peak_rss_mib()
     out["rss_at_end_mib"] = rss_now_mib()
     print(json.dumps(out))
@@ -152,7 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--step"), ap.add_argument("--table"), ap.add_argument("--corpus"), ap.add_argument("--out")
-    ap.add_argument("--queries"), ap.add_argument("--exact-ids"), ap.add_argument("--kind")
+    ap.add_argument("--queries"), ap.add_argument("--exact-ids"), ap.add_argument("--kind"), ap.add_argument("--save")
     ap.add_argument("--n", type=int), ap.add_argument("--shards", type=int)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000, 1_000_000])
@@ -188,15 +202,20 @@ def main() -> None:
                 run_child("--step", "write", "--table", table, "--corpus", corpus, "--out", out, "--n", n,
                           "--shards", shards, "--dim", args.dim)
                 for kind in ["exact", *args.kinds]:
+                    saved = tmp / "saved-index"
                     r = run_child("--step", "merge", "--out", out, "--kind", kind, "--queries", tmp / "q.npy",
-                                  "--exact-ids", tmp / "exact.npy", "--dim", args.dim)
+                                  "--exact-ids", tmp / "exact.npy", "--dim", args.dim, "--save", saved)
+                    index_dir = out.with_name("ondisk-index") if kind.endswith("+disk") else saved
+                    r["load"] = run_child("--step", "load", "--out", index_dir, "--queries", tmp / "q.npy")
+                    shutil.rmtree(saved, ignore_errors=True)
                     record[f"n{n}_{shards}shard_{kind}"] = r
                     print(f"n={n:>9,} {shards} shard(s) {kind:>10}: build {r['build_s']:6.2f} s  peak {r['peak_rss_mib']:7.1f} MiB"
                           f" (end: anon {r['rss_at_end_mib']['anon']:7.1f}, file {r['rss_at_end_mib']['file']:7.1f})"
                           f"  {r['qps']:9.1f} q/s  recall@10 {r['recall_at_10']:.3f}  nlist={r['nlist']} pq_m={r['pq_m']}",
                           flush=True)
-                import shutil
-
+                    print(f"    load + 1,000 queries + their texts: {r['load']['load_s']:6.2f} s  peak "
+                          f"{r['load']['peak_rss_mib']:7.1f} MiB (end: anon {r['load']['rss_at_end_mib']['anon']:7.1f}, "
+                          f"file {r['load']['rss_at_end_mib']['file']:7.1f})", flush=True)
                 shutil.rmtree(out)
                 shutil.rmtree(out.with_name("ondisk-index"), ignore_errors=True)
     emit(record)

@@ -9,6 +9,7 @@ import pytest
 from rosim.errors import DataError, InputError
 from rosim.index import VectorIndex, build_from_shards, default_nlist, encode_shards, list_shards
 from rosim.index.shards import VECTORS_FILE, shard_name
+from rosim.index.vector_index import TextsOnDisk
 from rosim.inference.sim_model import SimModel
 from tests.helpers import SENTENCES, tiny_model
 from tests.index.test_vector_index import brute_force, clustered
@@ -188,7 +189,12 @@ def test_cells_on_disk_give_the_in_memory_index_results_and_survive_a_move(tmp_p
     in_memory = build_from_shards(tmp_path / "shards", kind=kind, seed=0, **params)
     on_disk = build_from_shards(tmp_path / "shards", kind=kind, seed=0, on_disk=tmp_path / "idx", **params)
     assert on_disk.on_disk and not in_memory.on_disk and (tmp_path / "idx" / "vectors.ivfdata").is_file()
-    assert on_disk.texts == in_memory.texts and on_disk.ntotal == 6_000
+    assert list(on_disk.texts) == in_memory.texts and on_disk.ntotal == 6_000
+    # the texts stay on disk: read when asked for, through the offsets of their lines
+    assert isinstance(on_disk.texts, TextsOnDisk) and len(on_disk.texts) == 6_000
+    assert on_disk.texts[-1] == "5999" and on_disk.texts[10:13] == ["10", "11", "12"]
+    with pytest.raises(IndexError):
+        on_disk.texts[6_000]
     assert not [p.name for p in (tmp_path / "idx").iterdir() if p.name.startswith("cells-")]
     queries = clustered(40, dim=32, centers=40, seed=3)
     scores, ids = in_memory.search(queries, 10)
@@ -223,6 +229,25 @@ def test_cells_on_disk_damage_and_bad_kinds_are_reported(tmp_path):
     data.unlink()
     with pytest.raises(DataError, match="ivfdata is missing"):
         VectorIndex.load(tmp_path / "idx")
+    # offsets that do not describe texts.jsonl, and a damaged line, found even without checksums
+    build_from_shards(tmp_path / "shards", kind="ivf", on_disk=tmp_path / "idx2")
+    offsets = tmp_path / "idx2" / "texts.offsets.npy"
+    good = np.load(offsets)
+    np.save(offsets, good[:-1])
+    with pytest.raises(DataError, match="texts.offsets.npy is truncated"):
+        VectorIndex.load(tmp_path / "idx2", verify=False)
+    bad = good.copy()
+    bad[-1] += 1  # same size, wrong end
+    np.save(offsets, bad)
+    with pytest.raises(DataError, match="does not describe texts.jsonl"):
+        VectorIndex.load(tmp_path / "idx2", verify=False)
+    np.save(offsets, good)
+    texts = tmp_path / "idx2" / "texts.jsonl"
+    raw = bytearray(texts.read_bytes())
+    raw[int(good[5])] = ord("x")  # line 6 no longer starts with a quote
+    texts.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"texts.jsonl:6 is not a JSON string"):
+        VectorIndex.load(tmp_path / "idx2", verify=False).texts[5]
 
 
 def test_damaged_shard_texts_are_reported(sim, corpus, tmp_path):

@@ -23,6 +23,8 @@ On disk an index is a directory written atomically::
     vectors.ivfdata only for an index merged with its cells on disk (``rosim index merge --on-disk``):
                     faiss' OnDiskInvertedLists, memory-mapped when searched instead of read into memory
     texts.jsonl     one JSON string per vector, in id order
+    texts.offsets.npy  with vectors.ivfdata: the byte offset of each line of texts.jsonl (and its end),
+                    so that the texts are read when a search returns them, not held in memory
 
 Loading checks sizes and checksums, so a truncated or corrupted index is reported as such, and
 refuses an encoder whose identity differs from the one that built the index.
@@ -51,6 +53,7 @@ from rosim.limits import MAX_EF, MAX_HNSW_M, MAX_NLIST, check_int
 FORMAT, FORMAT_VERSION = "rosim-index", 1
 META_FILE, VECTORS_FILE, TEXTS_FILE = "meta.json", "vectors.faiss", "texts.jsonl"
 IVFDATA_FILE = "vectors.ivfdata"
+TEXT_OFFSETS_FILE = "texts.offsets.npy"  # on-disk indexes: where each line of texts.jsonl starts
 KINDS = ("exact", "ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")
 IDENTITY_KEYS = ("weights", "fingerprint", "dim", "max_length")  # what must match; the name (a path) may differ
@@ -131,6 +134,46 @@ def read_texts_jsonl(path: Path, count: int, *, damaged: str = "") -> list[str]:
     if len(texts) != count:
         raise DataError(f"{path} holds {len(texts)} texts, meta.json says {count}{damaged}")
     return texts
+
+
+class TextsOnDisk(Sequence):
+    """An on-disk index's texts, read when asked for: ``offsets[i]`` is where line ``i`` of
+    ``texts.jsonl`` starts (``offsets[-1]`` its end), memory-mapped, so memory is not the texts but
+    the pages of offsets touched. A line that is not a JSON string is a DataError when it is read."""
+
+    def __init__(self, path: Path, offsets: np.ndarray, damaged: str = ""):
+        self.path, self._offsets, self._damaged = path, offsets, damaged
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open: one pread per text)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices, IndexError
+        start, end = int(self._offsets[i]), int(self._offsets[i + 1])
+        try:
+            text = json.loads(os.pread(self._file.fileno(), end - start, start).decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            text = None
+        if not isinstance(text, str):
+            raise DataError(f"{self.path}:{i + 1} is not a JSON string{self._damaged}")
+        return text
+
+    def __del__(self):
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
+
+def _read_text_offsets(directory: Path, count: int, damaged: str) -> np.ndarray:
+    offsets = np.load(directory / TEXT_OFFSETS_FILE, mmap_mode="r", allow_pickle=False)
+    size = (directory / TEXTS_FILE).stat().st_size
+    if offsets.dtype != np.uint64 or offsets.shape != (count + 1,) or offsets[0] != 0 or offsets[-1] != size:
+        raise DataError(f"{directory / TEXT_OFFSETS_FILE} does not describe {TEXTS_FILE} ({count} texts, "
+                        f"{size} bytes){damaged}")
+    return offsets
 
 
 def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -520,15 +563,25 @@ class VectorIndex:
         """Write ``vectors.faiss``, ``texts.jsonl`` and ``meta.json`` into ``directory`` (a temporary one
         being made atomically); an on-disk index's ``vectors.ivfdata`` must be there already."""
         faiss = _faiss()
-        names = (VECTORS_FILE, TEXTS_FILE) + ((IVFDATA_FILE,) if self.on_disk else ())
+        on_disk = self.on_disk
+        names = (VECTORS_FILE, TEXTS_FILE) + ((IVFDATA_FILE, TEXT_OFFSETS_FILE) if on_disk else ())
         faiss.write_index(self._index, str(directory / VECTORS_FILE))
-        written = 0
-        with open(directory / TEXTS_FILE, "w", encoding="utf-8", newline="\n") as f:
+        offsets = (np.lib.format.open_memmap(directory / TEXT_OFFSETS_FILE, mode="w+", dtype=np.uint64,
+                                             shape=(self.ntotal + 1,)) if on_disk else None)
+        written, position = 0, 0
+        with open(directory / TEXTS_FILE, "wb") as f:
             for t in texts:
-                f.write(json.dumps(t, ensure_ascii=False) + "\n")
-                written += 1
+                line = (json.dumps(t, ensure_ascii=False) + "\n").encode("utf-8")
+                if offsets is not None and written < self.ntotal:
+                    offsets[written] = position
+                f.write(line)
+                written, position = written + 1, position + len(line)
         if written != self.ntotal:
             raise DataError(f"{written} texts for {self.ntotal} vectors")
+        if offsets is not None:
+            offsets[written] = position
+            offsets.flush()
+            del offsets
         meta = self.meta()
         meta["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta["files"] = {name: {"bytes": (directory / name).stat().st_size, "sha256": _sha256(directory / name)}
@@ -584,7 +637,8 @@ class VectorIndex:
                         pooling=meta.get("pooling"), **params)
         except (KeyError, TypeError, ValueError, InputError) as exc:
             raise DataError(f"{meta_path} is missing or has a bad field ({exc}){damaged}") from None
-        for name in (VECTORS_FILE, TEXTS_FILE) + ((IVFDATA_FILE,) if IVFDATA_FILE in files else ()):
+        on_disk = tuple(name for name in (IVFDATA_FILE, TEXT_OFFSETS_FILE) if name in files)
+        for name in (VECTORS_FILE, TEXTS_FILE) + on_disk:
             path = directory / name
             if not path.is_file():
                 raise DataError(f"{path} is missing{damaged}")
@@ -608,7 +662,11 @@ class VectorIndex:
         if raw.d != dim or raw.ntotal != count:
             raise DataError(f"{directory}: meta.json says {count} vectors of dim {dim}, the faiss index holds "
                             f"{raw.ntotal} of dim {raw.d}{damaged}")
-        index._index, index.texts = raw, read_texts_jsonl(directory / TEXTS_FILE, count, damaged=damaged)
+        if TEXT_OFFSETS_FILE in files:
+            texts = TextsOnDisk(directory / TEXTS_FILE, _read_text_offsets(directory, count, damaged), damaged)
+        else:
+            texts = read_texts_jsonl(directory / TEXTS_FILE, count, damaged=damaged)
+        index._index, index.texts = raw, texts
         if encoder is not None:
             index.check_encoder(encoder)
         return index
