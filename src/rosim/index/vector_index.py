@@ -117,20 +117,23 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _text_of_line(line: bytes, path: Path, number: int, damaged: str) -> str:
+    """Line ``number`` of a ``texts.jsonl``: a UTF-8 JSON string, or a DataError naming the file and line."""
+    try:
+        text = json.loads(line.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        text = None
+    if not isinstance(text, str):
+        raise DataError(f"{path}:{number} is not a JSON string{damaged}")
+    return text
+
+
 def read_texts_jsonl(path: Path, count: int, *, damaged: str = "") -> list[str]:
     """The ``count`` texts of a ``texts.jsonl`` (one JSON string per line, as an index or a shard
     stores them); a line that is not a UTF-8 JSON string, or another number of lines, is a DataError
     naming the file (and line), followed by ``damaged`` (what to do about it)."""
-    texts = []
     with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            try:
-                text = json.loads(line.decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                text = None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number} is not a JSON string{damaged}")
-            texts.append(text)
+        texts = [_text_of_line(line, path, number, damaged) for number, line in enumerate(f, start=1)]
     if len(texts) != count:
         raise DataError(f"{path} holds {len(texts)} texts, meta.json says {count}{damaged}")
     return texts
@@ -153,13 +156,7 @@ class TextsOnDisk(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         i = range(len(self))[i]  # negative indices, IndexError
         start, end = int(self._offsets[i]), int(self._offsets[i + 1])
-        try:
-            text = json.loads(os.pread(self._file.fileno(), end - start, start).decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            text = None
-        if not isinstance(text, str):
-            raise DataError(f"{self.path}:{i + 1} is not a JSON string{self._damaged}")
-        return text
+        return _text_of_line(os.pread(self._file.fileno(), end - start, start), self.path, i + 1, self._damaged)
 
     def __del__(self):
         file = getattr(self, "_file", None)
