@@ -111,12 +111,15 @@ class Shard:
             raise DataError(f"{path} holds {x.dtype} {x.shape}, meta.json says float32 ({self.count}, {self.meta['dim']})")
         return x
 
+    def _layout(self, verify: bool) -> tuple[int, int]:
+        """``(byte offset of the first vector, dim)`` of ``vectors.npy``, its dtype and shape checked."""
+        header = self.vectors(verify=verify, mmap=True)
+        return header.offset, header.shape[1]
+
     def vector_blocks(self, rows: int = ADD_ROWS, *, verify: bool = True):
         """The vectors ``rows`` at a time, read from the file rather than memory-mapped, so that only one
         block is ever resident."""
-        header = self.vectors(verify=verify, mmap=True)  # checks dtype and shape
-        offset, dim = header.offset, header.shape[1]
-        del header
+        offset, dim = self._layout(verify)
         with open(self.path / VECTORS_FILE, "rb") as f:
             for lo in range(0, self.count, rows):
                 n = min(rows, self.count - lo)
@@ -130,9 +133,7 @@ class Shard:
     def rows(self, indices: np.ndarray) -> np.ndarray:
         """The vectors at ``indices``, each read from the file: no other page is brought into memory (a
         memory-mapped gather would read ahead around each row and so page in most of the file)."""
-        header = self.vectors(verify=False, mmap=True)  # checks dtype and shape
-        offset, dim = header.offset, header.shape[1]
-        del header
+        offset, dim = self._layout(verify=False)
         size = dim * 4
         out = np.empty((len(indices), dim), dtype=np.float32)
         with open(self.path / VECTORS_FILE, "rb", buffering=0) as f:
